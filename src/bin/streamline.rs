@@ -1,0 +1,39 @@
+//! The `streamline` binary: parse the configuration, set up logging and
+//! signals, run the gateway.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use streamline::Config;
+use streamline::config::LogFormat;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    let shutdown = CancellationToken::new();
+    if let Err(e) = streamline::lifecycle::spawn_signal_handler(shutdown.clone()) {
+        tracing::error!(error = %e, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    match streamline::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}

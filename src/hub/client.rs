@@ -1,0 +1,149 @@
+//! A connected stream as the rest of the gateway sees it: identity for
+//! `/clients`, counters, per-topic cursors, and the switch that ends it.
+//!
+//! The stream's own task is the only writer of its cursors and counters, so
+//! those are plain loads and stores; other threads only read them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::SystemTime;
+
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::CancellationToken;
+
+use crate::sse::CloseReason;
+
+/// What the stream plane knows about a request when it subscribes.
+#[derive(Debug, Clone)]
+pub struct ClientMeta {
+    pub remote_addr: SocketAddr,
+    pub user_agent: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub protocol: &'static str,
+    /// Cancelled to close the client's HTTP/1 connection when the stream is
+    /// ended by the gateway (an HTTP/2 connection carries other streams).
+    pub connection: Option<CancellationToken>,
+}
+
+pub struct Client {
+    id: Arc<str>,
+    topics: Box<[Arc<str>]>,
+    meta: ClientMeta,
+    connected_at: SystemTime,
+    cursors: Box<[AtomicU64]>,
+    events_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    close: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("id", &self.id).finish()
+    }
+}
+
+const OPEN: u8 = 0;
+
+fn encode_reason(r: CloseReason) -> u8 {
+    match r {
+        CloseReason::Shutdown => 1,
+        CloseReason::Slow => 2,
+        CloseReason::Kicked => 3,
+    }
+}
+
+fn decode_reason(v: u8) -> Option<CloseReason> {
+    match v {
+        1 => Some(CloseReason::Shutdown),
+        2 => Some(CloseReason::Slow),
+        3 => Some(CloseReason::Kicked),
+        _ => None,
+    }
+}
+
+impl Client {
+    pub(super) fn new(id: Arc<str>, topics: Box<[Arc<str>]>, meta: ClientMeta) -> Self {
+        let cursors = topics.iter().map(|_| AtomicU64::new(0)).collect();
+        Client {
+            id,
+            topics,
+            meta,
+            connected_at: SystemTime::now(),
+            cursors,
+            events_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            close: AtomicU8::new(OPEN),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub fn topics(&self) -> &[Arc<str>] {
+        &self.topics
+    }
+
+    pub fn meta(&self) -> &ClientMeta {
+        &self.meta
+    }
+
+    pub fn connected_at(&self) -> SystemTime {
+        self.connected_at
+    }
+
+    pub fn events_sent(&self) -> u64 {
+        self.events_sent.load(Relaxed)
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Relaxed)
+    }
+
+    pub(super) fn cursor(&self, index: usize) -> u64 {
+        self.cursors[index].load(Relaxed)
+    }
+
+    pub(super) fn set_cursor(&self, index: usize, ordinal: u64) {
+        self.cursors[index].store(ordinal, Relaxed);
+    }
+
+    /// Counts a write. Only the stream's own task calls this.
+    pub(super) fn count(&self, events: u64, bytes: usize) {
+        self.events_sent
+            .store(self.events_sent.load(Relaxed) + events, Relaxed);
+        self.bytes_sent
+            .store(self.bytes_sent.load(Relaxed) + bytes as u64, Relaxed);
+    }
+
+    /// Asks the stream to end with `reason`. The first reason wins; returns
+    /// false when the stream was already closing.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self
+            .close
+            .compare_exchange(OPEN, encode_reason(reason), Relaxed, Relaxed)
+            .is_ok();
+        if first {
+            self.waker.wake();
+            if let Some(conn) = &self.meta.connection {
+                conn.cancel();
+            }
+        }
+        first
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        decode_reason(self.close.load(Relaxed))
+    }
+
+    pub(super) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    pub(super) fn wake(&self) {
+        self.waker.wake();
+    }
+}

@@ -1,0 +1,329 @@
+//! The hub: topics, their retained events, and the connected clients. Both
+//! planes share one `Arc<Hub>`; the control plane publishes into it and the
+//! stream plane reads from it through [`Subscription`]s.
+//!
+//! Architecture invariants: an event is encoded once, when it is published;
+//! subscribers share its bytes. No lock in the hub is held across an await, and
+//! nothing in it grows without a bound: topics (`max_topics`), events per topic
+//! (`history_size`, `history_ttl`) and clients (`max_clients`) are all capped.
+
+mod client;
+mod ring;
+mod subscription;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use client::{Client, ClientMeta};
+pub use subscription::{Chunk, Subscription};
+
+use crate::id::{Cursor, Position};
+use crate::sse::{self, CloseReason};
+use ring::Topic;
+
+/// What a stream does when it falls more than `max_lag` events behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowClientPolicy {
+    /// End the stream with a `streamline.close` notice (reason `slow`); the
+    /// client resumes from history when it reconnects.
+    Disconnect,
+    /// Jump to the live position with a `streamline.gap` notice (reason `slow`).
+    Skip,
+}
+
+/// The hub's bounds and behaviour. See `Config` for the defaults.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub max_lag: u64,
+    pub slow_client_policy: SlowClientPolicy,
+    pub max_clients: usize,
+    pub max_topics: usize,
+    pub retry: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            history_size: 1000,
+            history_ttl: Duration::from_secs(300),
+            max_lag: 500,
+            slow_client_policy: SlowClientPolicy::Disconnect,
+            max_clients: 20_000,
+            max_topics: 100_000,
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error("the gateway already serves {0} streams")]
+    TooManyClients(usize),
+    #[error("the gateway already holds {0} topics")]
+    TooManyTopics(usize),
+}
+
+/// Counters for `/metrics`; the per-client ones cover clients that are gone
+/// (live clients are summed at scrape time, so delivery stays contention-free).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub events_published: AtomicU64,
+    pub closed_events_sent: AtomicU64,
+    pub closed_bytes_sent: AtomicU64,
+    pub slow_disconnected: AtomicU64,
+    pub slow_skipped: AtomicU64,
+}
+
+/// One row of `GET /topics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub subscribers: usize,
+    pub events_published: u64,
+    pub last_event_id: Option<String>,
+}
+
+pub struct Hub {
+    config: HubConfig,
+    /// Distinguishes this run's positions from an earlier run's.
+    epoch: u64,
+    /// Hub-wide event sequence: the `lo` part of every position.
+    seq: AtomicU64,
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    clients: Mutex<HashMap<Arc<str>, Arc<Client>>>,
+    next_client: AtomicU64,
+    heartbeat: AtomicU64,
+    accepting: AtomicBool,
+    totals: Totals,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("epoch", &self.epoch).finish()
+    }
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Arc<Hub> {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        Arc::new(Hub {
+            config,
+            epoch,
+            seq: AtomicU64::new(0),
+            topics: RwLock::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(1),
+            heartbeat: AtomicU64::new(0),
+            accepting: AtomicBool::new(true),
+            totals: Totals::default(),
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The `hi` part of this run's positions.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, HubError> {
+        if let Some(t) = self.read_topics().get(name) {
+            return Ok(t.clone());
+        }
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = topics.get(name) {
+            return Ok(t.clone());
+        }
+        if topics.len() >= self.config.max_topics {
+            return Err(HubError::TooManyTopics(topics.len()));
+        }
+        let name: Arc<str> = name.into();
+        let start = Position::new(self.epoch, self.seq.load(Relaxed));
+        let topic = Arc::new(Topic::new(name.clone(), start));
+        topics.insert(name, topic.clone());
+        Ok(topic)
+    }
+
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Topic>>> {
+        self.topics.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates every named topic that does not exist yet, so that a batch
+    /// can be checked before any of it is published.
+    pub fn ensure_topics<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), HubError> {
+        for name in names {
+            self.topic_or_create(name)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one event and returns its id (`topic:hi-lo`). The caller has
+    /// validated the topic name and that `event` has no line break.
+    pub fn publish(
+        &self,
+        topic: &str,
+        event: Option<&str>,
+        data: &str,
+    ) -> Result<String, HubError> {
+        let t = self.topic_or_create(topic)?;
+        let c = &self.config;
+        let (head, pos) = {
+            // Held (shared) so a sweep cannot forget the topic mid-publish.
+            let _topics = self.read_topics();
+            t.push(
+                || {
+                    let pos = Position::new(self.epoch, self.seq.fetch_add(1, Relaxed) + 1);
+                    (
+                        pos,
+                        sse::encode_event(&format!("{topic}:{pos}"), event, data),
+                    )
+                },
+                c.history_size,
+                c.history_ttl,
+            )
+        };
+        self.totals.events_published.fetch_add(1, Relaxed);
+        let lag_limit = (c.slow_client_policy == SlowClientPolicy::Disconnect).then_some(c.max_lag);
+        let slow = t.notify(head, lag_limit);
+        if slow > 0 {
+            self.totals
+                .slow_disconnected
+                .fetch_add(slow as u64, Relaxed);
+        }
+        Ok(format!("{topic}:{pos}"))
+    }
+
+    /// Opens a stream on `topics` (validated, without duplicates), resuming
+    /// after `resume` when given.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        topics: &[String],
+        resume: Option<&Cursor>,
+        meta: ClientMeta,
+    ) -> Result<Subscription, HubError> {
+        Subscription::open(self.clone(), topics, resume, meta)
+    }
+
+    fn register_client(&self, client: Arc<Client>) -> Result<(), HubError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.len() >= self.config.max_clients {
+            return Err(HubError::TooManyClients(clients.len()));
+        }
+        clients.insert(client.id().clone(), client);
+        self.totals.connections_opened.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn deregister_client(&self, client: &Client) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client.id());
+        let t = &self.totals;
+        t.connections_closed.fetch_add(1, Relaxed);
+        t.closed_events_sent
+            .fetch_add(client.events_sent(), Relaxed);
+        t.closed_bytes_sent.fetch_add(client.bytes_sent(), Relaxed);
+    }
+
+    fn new_client_id(&self) -> Arc<str> {
+        let n = self.next_client.fetch_add(1, Relaxed);
+        format!("{:x}-{n}", self.epoch).into()
+    }
+
+    /// Every connected client, in no particular order.
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.values().cloned().collect()
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn client(&self, id: &str) -> Option<Arc<Client>> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.get(id).cloned()
+    }
+
+    /// Ends a client's stream; false when no such client is connected.
+    pub fn close_client(&self, id: &str, reason: CloseReason) -> bool {
+        match self.client(id) {
+            Some(c) => {
+                c.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Per-topic counters, sorted by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let topics: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
+        let mut out: Vec<TopicInfo> = topics
+            .iter()
+            .map(|t| {
+                let (published, last) = t.stats();
+                TopicInfo {
+                    name: t.name().to_string(),
+                    subscribers: t.subscriber_count(),
+                    events_published: published,
+                    last_event_id: last.map(|p| format!("{}:{p}", t.name())),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.read_topics().len()
+    }
+
+    /// Asks every stream to write a heartbeat comment.
+    pub fn heartbeat(&self) {
+        self.heartbeat.fetch_add(1, Relaxed);
+        for client in self.clients() {
+            client.wake();
+        }
+    }
+
+    fn heartbeat_tick(&self) -> u64 {
+        self.heartbeat.load(Relaxed)
+    }
+
+    /// Evicts expired events and forgets topics that are empty and unused.
+    pub fn sweep(&self) {
+        let c = &self.config;
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        topics.retain(|_, t| !t.sweep(c.history_size, c.history_ttl));
+    }
+
+    /// Whether new streams are accepted (false once draining).
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Relaxed)
+    }
+
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Relaxed);
+    }
+}
+

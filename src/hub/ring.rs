@@ -1,0 +1,295 @@
+//! One topic's state: a bounded ring of encoded events that is both the
+//! resume history and the live buffer, and the list of its subscribers.
+//!
+//! Subscribers do not own queues: each holds an *ordinal* (the per-topic
+//! sequence number of the last event it wrote) and reads the ring from there.
+//! Resume and live delivery read the same ring, so there is no seam between
+//! history and live where an event could be lost or repeated.
+//!
+//! Architecture invariant: the ring and subscriber locks are never held across
+//! an await, and never both at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::client::Client;
+use crate::id::Position;
+use crate::sse::Frame;
+
+/// One retained event.
+struct Stored {
+    pos: Position,
+    at: Instant,
+    frame: Frame,
+}
+
+struct Ring {
+    events: VecDeque<Stored>,
+    /// Ordinal of `events[0]` (ordinals start at 1 and never repeat).
+    first: u64,
+    /// Position of the newest event, or where the topic started.
+    head_pos: Position,
+    /// Position of the newest evicted event, or where the topic started:
+    /// a resume point before it may have missed events.
+    floor_pos: Position,
+    published: u64,
+}
+
+impl Ring {
+    fn head(&self) -> u64 {
+        self.first + self.events.len() as u64 - 1
+    }
+
+    fn evict(&mut self, max_len: usize, ttl: Duration, now: Instant) {
+        while let Some(front) = self.events.front() {
+            if self.events.len() <= max_len && now.duration_since(front.at) < ttl {
+                break;
+            }
+            self.floor_pos = front.pos;
+            self.events.pop_front();
+            self.first += 1;
+        }
+    }
+}
+
+/// What a subscriber finds when it reads after its ordinal.
+pub enum Read {
+    /// The next event, and its ordinal.
+    Event(u64, Position, Frame),
+    /// Nothing newer yet.
+    Empty,
+    /// Events after the ordinal were evicted before the subscriber read them.
+    Overrun,
+    /// More than `max_lag` events are waiting.
+    Lagging,
+}
+
+/// Where a resume point falls in a topic's retained history.
+pub enum Resume {
+    /// Start after this ordinal (position known).
+    At(u64, Position),
+    /// The point is older than what is retained.
+    Expired,
+    /// The point is newer than anything published here.
+    Unknown,
+}
+
+pub struct Topic {
+    name: Arc<str>,
+    ring: RwLock<Ring>,
+    subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
+}
+
+impl Topic {
+    pub fn new(name: Arc<str>, start: Position) -> Self {
+        Topic {
+            name,
+            ring: RwLock::new(Ring {
+                events: VecDeque::new(),
+                first: 1,
+                head_pos: start,
+                floor_pos: start,
+                published: 0,
+            }),
+            subscribers: Mutex::new(Slab::new()),
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Appends an event. `make` assigns the event's position and encodes its
+    /// frame; it runs under the ring's write lock so that positions and ring
+    /// order always agree. Returns the new head ordinal and the position.
+    pub fn push(
+        &self,
+        make: impl FnOnce() -> (Position, Frame),
+        max_len: usize,
+        ttl: Duration,
+    ) -> (u64, Position) {
+        let now = Instant::now();
+        let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        let (pos, frame) = make();
+        ring.events.push_back(Stored {
+            pos,
+            at: now,
+            frame,
+        });
+        ring.head_pos = pos;
+        ring.published += 1;
+        ring.evict(max_len.max(1), ttl, now);
+        (ring.head(), pos)
+    }
+
+    /// Drops expired events; true when the topic is empty and unsubscribed,
+    /// so the hub may forget it.
+    pub fn sweep(&self, max_len: usize, ttl: Duration) -> bool {
+        let empty = {
+            let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+            ring.evict(max_len.max(1), ttl, Instant::now());
+            ring.events.is_empty()
+        };
+        empty && self.subscriber_count() == 0
+    }
+
+    /// The newest ordinal and position.
+    pub fn head(&self) -> (u64, Position) {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        (ring.head(), ring.head_pos)
+    }
+
+    pub fn stats(&self) -> (u64, Option<Position>) {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        let last = (ring.published > 0).then_some(ring.head_pos);
+        (ring.published, last)
+    }
+
+    /// The event after ordinal `after`, if the subscriber may have it.
+    pub fn read(&self, after: u64, max_lag: u64) -> Read {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        let head = ring.head();
+        if after >= head {
+            return Read::Empty;
+        }
+        if after + 1 < ring.first {
+            return Read::Overrun;
+        }
+        if head - after > max_lag {
+            return Read::Lagging;
+        }
+        let ev = &ring.events[(after + 1 - ring.first) as usize];
+        Read::Event(after + 1, ev.pos, ev.frame.clone())
+    }
+
+    /// Finds where a client that last saw `pos` should resume.
+    pub fn locate(&self, pos: Position) -> Resume {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        if pos > ring.head_pos {
+            return Resume::Unknown;
+        }
+        if pos < ring.floor_pos {
+            return Resume::Expired;
+        }
+        let idx = ring.events.partition_point(|ev| ev.pos <= pos);
+        Resume::At(ring.first + idx as u64 - 1, pos)
+    }
+
+    pub fn subscribe(&self, client: Arc<Client>, index: usize) -> usize {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((client, index))
+    }
+
+    pub fn unsubscribe(&self, key: usize) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        if subs.contains(key) {
+            subs.remove(key);
+        }
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Wakes every subscriber after a push. With `lag_limit`, also closes
+    /// those further behind than that: a client that has stopped reading
+    /// is never polled, so it cannot notice its own lag.
+    pub fn notify(&self, head: u64, lag_limit: Option<u64>) -> usize {
+        let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slow = 0;
+        for (_, (client, index)) in subs.iter() {
+            if let Some(limit) = lag_limit
+                && head.saturating_sub(client.cursor(*index)) > limit
+                && client.close(crate::sse::CloseReason::Slow)
+            {
+                slow += 1;
+            }
+            client.wake();
+        }
+        slow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::encode_event;
+
+    fn topic() -> Topic {
+        Topic::new("t".into(), Position::new(7, 0))
+    }
+
+    fn push(t: &Topic, lo: u64, max_len: usize) -> u64 {
+        let pos = Position::new(7, lo);
+        let make = || (pos, encode_event(&format!("t:{pos}"), None, "x"));
+        t.push(make, max_len, Duration::from_secs(60)).0
+    }
+
+    #[test]
+    fn reads_in_order_then_empty() {
+        let t = topic();
+        assert!(matches!(t.read(0, 100), Read::Empty));
+        push(&t, 3, 10);
+        push(&t, 5, 10);
+        let Read::Event(1, p, _) = t.read(0, 100) else {
+            panic!()
+        };
+        assert_eq!(p, Position::new(7, 3));
+        let Read::Event(2, p, _) = t.read(1, 100) else {
+            panic!()
+        };
+        assert_eq!(p, Position::new(7, 5));
+        assert!(matches!(t.read(2, 100), Read::Empty));
+    }
+
+    #[test]
+    fn eviction_is_reported_as_overrun_and_expired() {
+        let t = topic();
+        for lo in 1..=5 {
+            push(&t, lo, 3);
+        }
+        assert!(matches!(t.read(0, 100), Read::Overrun));
+        assert!(matches!(t.read(1, 100), Read::Overrun));
+        assert!(matches!(t.read(2, 100), Read::Event(3, _, _)));
+        assert!(matches!(t.locate(Position::new(7, 1)), Resume::Expired));
+        assert!(matches!(t.locate(Position::new(7, 2)), Resume::At(2, _)));
+        assert!(matches!(t.locate(Position::new(7, 5)), Resume::At(5, _)));
+        assert!(matches!(t.locate(Position::new(7, 6)), Resume::Unknown));
+        assert!(matches!(t.locate(Position::new(6, 9)), Resume::Expired));
+    }
+
+    #[test]
+    fn lag_is_measured_in_events() {
+        let t = topic();
+        for lo in 1..=10 {
+            push(&t, lo, 100);
+        }
+        assert!(matches!(t.read(0, 9), Read::Lagging));
+        assert!(matches!(t.read(0, 10), Read::Event(1, _, _)));
+    }
+
+    #[test]
+    fn resume_from_the_start_of_an_empty_topic() {
+        let t = topic();
+        assert!(matches!(t.locate(Position::new(7, 0)), Resume::At(0, _)));
+        push(&t, 1, 10);
+        assert!(matches!(t.locate(Position::new(7, 0)), Resume::At(0, _)));
+    }
+
+    #[test]
+    fn ttl_evicts_old_events() {
+        let t = topic();
+        let make = || (Position::new(7, 1), encode_event("t:7-1", None, "x"));
+        t.push(make, 10, Duration::ZERO);
+        assert!(t.sweep(10, Duration::ZERO));
+        assert!(matches!(t.read(0, 100), Read::Overrun));
+    }
+}

@@ -1,0 +1,176 @@
+//! Start-up and shutdown: the one shutdown token and the phases it sets off.
+//!
+//! The process owns one [`CancellationToken`]; SIGTERM or SIGINT cancels it.
+//! From that moment, following Kubernetes' pod termination:
+//! 1. **not ready** — `/ready` answers 503 at once; everything else is served
+//!    as before for `--shutdown-delay`, while load balancers take the pod out.
+//! 2. **draining** — new streams get 503 with `Retry-After`; HTTP connections
+//!    are told to close when idle; open streams are ended, spread evenly over
+//!    `--drain-window`, each with a `streamline.close` notice and a `retry:` hint.
+//! 3. **stopping** — listeners close, in-flight control requests finish,
+//!    backends flush and close, tracked tasks are awaited.
+//!
+//! Everything is bounded by `--grace-period` from the signal: past it the
+//! gateway stops waiting and returns. A second signal exits at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::Hub;
+use crate::sse::CloseReason;
+
+/// The shutdown token and the phase signals derived from it, shared by
+/// every long-lived task.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    shutdown: CancellationToken,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Lifecycle {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Lifecycle {
+            shutdown,
+            drain: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// True once a shutdown was requested (readiness is off from then on).
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    /// Phase 2: refuse new streams, close connections once idle.
+    pub fn begin_drain(&self) {
+        self.drain.cancel();
+    }
+
+    pub async fn draining(&self) {
+        self.drain.cancelled().await
+    }
+
+    /// Phase 3: stop listening.
+    pub fn stop(&self) {
+        self.drain.cancel();
+        self.stop.cancel();
+    }
+
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Tracks the gateway's tasks, so shutdown can wait for them.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+}
+
+/// The timings of the shutdown sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub shutdown_delay: Duration,
+    pub drain_window: Duration,
+    pub write_timeout: Duration,
+    pub grace_period: Duration,
+}
+
+/// Runs phases 1 to 3 once the shutdown token has fired, then waits for the
+/// tracked tasks, never past the grace period.
+pub async fn shut_down(life: &Lifecycle, hub: &Arc<Hub>, t: Timings) {
+    let start = Instant::now();
+    // Keep a little of the grace period for closing backends and exiting.
+    let deadline = start + t.grace_period.saturating_sub(Duration::from_millis(500));
+    tracing::info!(phase = "not_ready", delay = ?t.shutdown_delay, "shutdown requested; readiness is off");
+    tokio::time::sleep_until((start + t.shutdown_delay).min(deadline)).await;
+
+    let streams = hub.client_count();
+    tracing::info!(phase = "draining", streams, window = ?t.drain_window, "refusing new streams; closing open ones");
+    hub.stop_accepting();
+    life.begin_drain();
+    let window_end = (Instant::now() + t.drain_window).min(deadline);
+    close_spread(hub, window_end).await;
+    wait_for_no_clients(hub, (Instant::now() + t.write_timeout).min(deadline)).await;
+
+    tracing::info!(
+        phase = "stopping",
+        remaining = hub.client_count(),
+        "closing listeners"
+    );
+    life.stop();
+    life.tracker.close();
+    if tokio::time::timeout_at(deadline, life.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = life.tracker.len(),
+            "grace period is over; exiting with tasks still running"
+        );
+    }
+    tracing::info!(phase = "stopped", elapsed = ?start.elapsed(), "shutdown complete");
+}
+
+/// Ends every open stream, spread evenly until `end`, so that clients do not
+/// all reconnect to the other replicas at the same moment.
+async fn close_spread(hub: &Hub, end: Instant) {
+    let clients = hub.clients();
+    let start = Instant::now();
+    let window = end.saturating_duration_since(start);
+    let n = clients.len().max(1) as u32;
+    for (i, client) in clients.iter().enumerate() {
+        let due = start + window * i as u32 / n;
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        client.close(CloseReason::Shutdown);
+    }
+}
+
+async fn wait_for_no_clients(hub: &Hub, until: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while hub.client_count() > 0 && Instant::now() < until {
+        tick.tick().await;
+    }
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT; exits the process at once
+/// on the second.
+pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            signal = name,
+            "shutting down; send it again to exit at once"
+        );
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Prometheus metrics (`GET /metrics`), in the text exposition format.
+//!
+//! Hub counters are read at scrape time by a collector rather than updated on
+//! the delivery path: a delivery touches only its own client's counters.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::hub::Hub;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Latency of `PATCH /events`, in seconds.
+    pub patch_latency: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new(hub: Arc<Hub>) -> Metrics {
+        let mut registry = Registry::with_prefix("streamline");
+        let patch_latency = Histogram::new(
+            [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "patch_latency_seconds",
+            "Time to accept a PATCH /events request",
+            patch_latency.clone(),
+        );
+        registry.register_collector(Box::new(HubCollector(hub)));
+        Metrics {
+            registry,
+            patch_latency,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Debug)]
+struct HubCollector(Arc<Hub>);
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let hub = &self.0;
+        let t = hub.totals();
+        let clients = hub.clients();
+        let (mut events, mut bytes) = (
+            t.closed_events_sent.load(Relaxed),
+            t.closed_bytes_sent.load(Relaxed),
+        );
+        for c in &clients {
+            events += c.events_sent();
+            bytes += c.bytes_sent();
+        }
+        gauge(
+            &mut e,
+            "clients_connected",
+            "Streams open now",
+            clients.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "topics",
+            "Topics held now",
+            hub.topic_count() as i64,
+        )?;
+        let opened = t.connections_opened.load(Relaxed);
+        counter(&mut e, "connections_opened", "Streams opened", opened)?;
+        let closed = t.connections_closed.load(Relaxed);
+        counter(&mut e, "connections_closed", "Streams closed", closed)?;
+        let published = t.events_published.load(Relaxed);
+        counter(
+            &mut e,
+            "events_published",
+            "Events published into the hub",
+            published,
+        )?;
+        counter(
+            &mut e,
+            "events_delivered",
+            "Events written to streams",
+            events,
+        )?;
+        counter(&mut e, "bytes_sent", "Bytes written to streams", bytes)?;
+        let slow = t.slow_disconnected.load(Relaxed);
+        counter(
+            &mut e,
+            "slow_clients_disconnected",
+            "Streams ended for falling behind",
+            slow,
+        )?;
+        let skipped = t.slow_skipped.load(Relaxed);
+        counter(
+            &mut e,
+            "slow_clients_skipped",
+            "Times a stream skipped ahead for falling behind",
+            skipped,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,328 @@
+//! The SSE wire format (WHATWG EventSource): how an event, a comment or a
+//! notice becomes bytes.
+//!
+//! An event's frame is built once, when it is published, and shared by every
+//! subscriber as a reference-counted [`Bytes`]. The frame starts with its `id:`
+//! line; [`Frame::body`] is the rest, so a multi-topic stream can write its own
+//! composite id line followed by the shared body, still without copying it.
+//!
+//! Payload line breaks (LF, CR or CRLF) become separate `data:` lines, so no
+//! payload can inject a field or end an event early. Ids and event names never
+//! contain CR or LF (the callers validate them; [`encode_event`] asserts it in
+//! debug builds).
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+/// The event name of the notices Streamline itself sends.
+pub const GAP_EVENT: &str = "streamline.gap";
+pub const CLOSE_EVENT: &str = "streamline.close";
+
+/// A heartbeat: an SSE comment, ignored by EventSource, that keeps proxies
+/// from timing out an idle stream.
+pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
+
+/// An encoded event: `id: …\n` followed by the event's fields and the blank
+/// line that ends it.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    bytes: Bytes,
+    body_start: usize,
+}
+
+impl Frame {
+    /// The whole frame, id line included: what a single-topic stream writes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The frame without its id line.
+    pub fn body(&self) -> Bytes {
+        self.bytes.slice(self.body_start..)
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+fn has_line_break(s: &str) -> bool {
+    s.bytes().any(|b| b == b'\n' || b == b'\r')
+}
+
+/// Encodes one event. `id` and `event` must not contain CR or LF.
+pub fn encode_event(id: &str, event: Option<&str>, data: &str) -> Frame {
+    debug_assert!(!has_line_break(id));
+    debug_assert!(!event.is_some_and(has_line_break));
+    let mut buf = BytesMut::with_capacity(id.len() + data.len() + 32);
+    buf.put_slice(b"id: ");
+    buf.put_slice(id.as_bytes());
+    buf.put_u8(b'\n');
+    let body_start = buf.len();
+    if let Some(event) = event.filter(|e| !e.is_empty()) {
+        buf.put_slice(b"event: ");
+        buf.put_slice(event.as_bytes());
+        buf.put_u8(b'\n');
+    }
+    put_data(&mut buf, data);
+    buf.put_u8(b'\n');
+    Frame {
+        bytes: buf.freeze(),
+        body_start,
+    }
+}
+
+/// Writes `data` as `data:` lines, splitting on LF, CR and CRLF.
+fn put_data(buf: &mut BytesMut, data: &str) {
+    let mut rest = data.as_bytes();
+    loop {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+            .unwrap_or(rest.len());
+        buf.put_slice(b"data: ");
+        buf.put_slice(&rest[..end]);
+        buf.put_u8(b'\n');
+        if end == rest.len() {
+            return;
+        }
+        let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+    }
+}
+
+/// The `id:` line a multi-topic stream writes before a shared [`Frame::body`].
+pub fn id_line(id: &str) -> Bytes {
+    debug_assert!(!has_line_break(id));
+    let mut buf = BytesMut::with_capacity(id.len() + 5);
+    buf.put_slice(b"id: ");
+    buf.put_slice(id.as_bytes());
+    buf.put_u8(b'\n');
+    buf.freeze()
+}
+
+/// The first bytes of every stream: the reconnection delay and a comment
+/// carrying the client id (so a user can find their stream in `/clients`).
+pub fn preamble(retry: Duration, client_id: &str) -> Bytes {
+    Bytes::from(format!(
+        "retry: {}\n: client {client_id}\n\n",
+        retry.as_millis()
+    ))
+}
+
+/// Why a stream missed events: the body of a [`GAP_EVENT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// The resume point is older than the retained history.
+    Expired,
+    /// The resume point is not one this gateway knows (an earlier run, another
+    /// replica without a shared backend, or a position not yet reached).
+    Unknown,
+    /// The client fell too far behind and skipped ahead (`skip` policy).
+    Slow,
+}
+
+/// Why the gateway ended a stream: the body of a [`CLOSE_EVENT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The gateway is shutting down; reconnect (to another replica).
+    Shutdown,
+    /// The client fell too far behind (`disconnect` policy); reconnect with
+    /// `Last-Event-ID` to resume from history.
+    Slow,
+    /// An operator ended the stream (`DELETE /clients/{id}`).
+    Kicked,
+}
+
+#[derive(Serialize)]
+struct GapBody<'a> {
+    topic: &'a str,
+    reason: GapReason,
+}
+
+#[derive(Serialize)]
+struct CloseBody {
+    reason: CloseReason,
+}
+
+/// A `streamline.gap` notice: events on `topic` were missed; the stream goes
+/// on from the live position. `id` is the stream's cursor after the jump, so a
+/// reconnect does not report the same gap twice.
+pub fn gap_notice(id: &str, topic: &str, reason: GapReason) -> Bytes {
+    let data = serde_json::to_string(&GapBody { topic, reason }).unwrap_or_default();
+    encode_event(id, Some(GAP_EVENT), &data).bytes
+}
+
+/// A `streamline.close` notice, with a `retry:` hint for the reconnect.
+pub fn close_notice(reason: CloseReason, retry: Duration) -> Bytes {
+    let data = serde_json::to_string(&CloseBody { reason }).unwrap_or_default();
+    Bytes::from(format!(
+        "retry: {}\nevent: {CLOSE_EVENT}\ndata: {data}\n\n",
+        retry.as_millis()
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One event as a spec-conformant EventSource parser dispatches it.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct Parsed {
+        pub id: String,
+        pub event: String,
+        pub data: String,
+    }
+
+    /// The WHATWG "interpret an event stream" algorithm, for tests.
+    pub fn parse_stream(input: &str) -> (Vec<Parsed>, Option<u64>) {
+        let mut out = Vec::new();
+        let (mut data, mut event, mut last_id, mut retry) =
+            (String::new(), String::new(), String::new(), None);
+        let mut lines = Vec::new();
+        let mut rest = input;
+        while let Some(i) = rest.find(['\r', '\n']) {
+            lines.push(&rest[..i]);
+            let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+            rest = &rest[i + skip..];
+        }
+        for line in lines {
+            if line.is_empty() {
+                if !data.is_empty() {
+                    data.pop();
+                    out.push(Parsed {
+                        id: last_id.clone(),
+                        event: if event.is_empty() {
+                            "message".into()
+                        } else {
+                            event.clone()
+                        },
+                        data: std::mem::take(&mut data),
+                    });
+                }
+                data.clear();
+                event.clear();
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                }
+                "event" => event = value.to_owned(),
+                "id" if !value.contains('\0') => last_id = value.to_owned(),
+                "retry" => retry = value.parse().ok(),
+                _ => {}
+            }
+        }
+        (out, retry)
+    }
+
+    fn round_trip(id: &str, event: Option<&str>, data: &str) -> Vec<Parsed> {
+        let frame = encode_event(id, event, data);
+        let text = std::str::from_utf8(frame.bytes()).unwrap();
+        parse_stream(text).0
+    }
+
+    #[test]
+    fn encodes_fields_in_order() {
+        let f = encode_event("t:1-2", Some("greet"), "hi");
+        assert_eq!(&f.bytes()[..], b"id: t:1-2\nevent: greet\ndata: hi\n\n");
+        assert_eq!(&f.body()[..], b"event: greet\ndata: hi\n\n");
+    }
+
+    #[test]
+    fn splits_every_kind_of_line_break() {
+        let f = encode_event("1", None, "a\nb\rc\r\nd");
+        assert_eq!(
+            &f.bytes()[..],
+            b"id: 1\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+        let parsed = round_trip("1", None, "a\nb\rc\r\nd");
+        assert_eq!(parsed[0].data, "a\nb\nc\nd");
+    }
+
+    #[test]
+    fn empty_and_non_ascii_data_survive() {
+        assert_eq!(round_trip("1", None, "")[0].data, "");
+        assert_eq!(round_trip("1", None, "héllo ✓ 🎉")[0].data, "héllo ✓ 🎉");
+        assert_eq!(round_trip("1", None, "\n")[0].data, "\n");
+        assert_eq!(round_trip("1", None, "  lead")[0].data, "  lead");
+    }
+
+    #[test]
+    fn payload_cannot_inject_fields_or_events() {
+        let evil = "x\n\nid: forged\nevent: admin\ndata: pwned\n\n";
+        let parsed = round_trip("real", Some("msg"), evil);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].id, "real");
+        assert_eq!(parsed[0].event, "msg");
+        assert_eq!(
+            parsed[0].data,
+            "x\n\nid: forged\nevent: admin\ndata: pwned\n\n"
+        );
+    }
+
+    #[test]
+    fn notices_parse_as_documented() {
+        let gap = gap_notice("a:1-5", "a", GapReason::Expired);
+        let (ev, _) = parse_stream(std::str::from_utf8(&gap).unwrap());
+        assert_eq!(ev[0].event, GAP_EVENT);
+        assert_eq!(ev[0].id, "a:1-5");
+        assert_eq!(ev[0].data, r#"{"topic":"a","reason":"expired"}"#);
+        let close = close_notice(CloseReason::Shutdown, Duration::from_millis(1500));
+        let (ev, retry) = parse_stream(std::str::from_utf8(&close).unwrap());
+        assert_eq!(ev[0].event, CLOSE_EVENT);
+        assert_eq!(ev[0].data, r#"{"reason":"shutdown"}"#);
+        assert_eq!(retry, Some(1500));
+        let (ev, retry) =
+            parse_stream(std::str::from_utf8(&preamble(Duration::from_secs(2), "c1")).unwrap());
+        assert!(ev.is_empty());
+        assert_eq!(retry, Some(2000));
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_round_trips_exactly(
+            data in "\\PC*|[a-z\r\n ]*",
+            event in proptest::option::of("[a-zA-Z0-9._ -]{1,16}"),
+            id in "[a-z]{1,8}:[0-9]{1,5}-[0-9]{1,5}",
+        ) {
+            let parsed = round_trip(&id, event.as_deref(), &data);
+            // Normalise line breaks the way EventSource does.
+            let expected = data.replace("\r\n", "\n").replace('\r', "\n");
+            prop_assert_eq!(parsed.len(), 1);
+            prop_assert_eq!(&parsed[0].data, &expected);
+            prop_assert_eq!(&parsed[0].id, &id);
+            prop_assert_eq!(parsed[0].event.as_str(), event.as_deref().unwrap_or("message"));
+        }
+
+        #[test]
+        fn body_is_the_frame_without_its_id(data in "\\PC{0,40}") {
+            let f = encode_event("t:1-1", None, &data);
+            let mut joined = id_line("t:1-1").to_vec();
+            joined.extend_from_slice(&f.body());
+            prop_assert_eq!(&joined[..], &f.bytes()[..]);
+        }
+    }
+}

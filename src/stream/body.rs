@@ -1,0 +1,50 @@
+//! The response body of a stream: an `http_body::Body` that polls its
+//! [`Subscription`] directly, so a stream costs no task, queue or timer of its
+//! own. hyper polls it whenever the connection can take more bytes and queues
+//! several frames into one vectored write; a client that stops reading stops
+//! being polled and so holds no more than its socket buffers.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+
+use crate::hub::{Chunk, Subscription};
+
+pub struct SseBody {
+    sub: Subscription,
+    /// The shared event body that follows a multi-topic stream's id line.
+    second: Option<Bytes>,
+}
+
+impl SseBody {
+    pub fn new(sub: Subscription) -> Self {
+        SseBody { sub, second: None }
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if let Some(body) = this.second.take() {
+            return Poll::Ready(Some(Ok(Frame::data(body))));
+        }
+        match this.sub.poll_next(cx) {
+            Poll::Ready(Some(Chunk::One(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+            Poll::Ready(Some(Chunk::Two(id, body))) => {
+                this.second = Some(body);
+                Poll::Ready(Some(Ok(Frame::data(id))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Reading a stream request: the topics and the resume point.
+//!
+//! Architecture invariant: the stream plane never parses JSON; this is all it
+//! reads from a client.
+
+use http::{HeaderMap, Method};
+
+use crate::error::ApiError;
+use crate::id::Cursor;
+use crate::topic;
+
+/// The only path the stream plane serves.
+pub const STREAM_PATH: &str = "/stream";
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// Distinct topics, in the order first given.
+    pub topics: Vec<String>,
+    pub resume: Option<Cursor>,
+}
+
+/// Checks path and method, then reads `topic` (repeatable) and the resume
+/// point: the `Last-Event-ID` header, else the `lastEventId` parameter.
+pub fn parse(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    max_topics: usize,
+) -> Result<StreamRequest, ApiError> {
+    if path != STREAM_PATH {
+        return Err(ApiError::not_found(format!(
+            "no such path {path:?}; streams are at {STREAM_PATH}?topic=NAME"
+        )));
+    }
+    if method != Method::GET {
+        return Err(ApiError::method_not_allowed("GET"));
+    }
+    let mut topics: Vec<String> = Vec::new();
+    let mut query_id = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "topic" => {
+                topic::validate(&value, topic::MAX_TOPIC_LEN)
+                    .map_err(|e| ApiError::bad_request("invalid_topic", format!("topic: {e}")))?;
+                if !topics.iter().any(|t| *t == value) {
+                    if topics.len() == max_topics {
+                        return Err(ApiError::bad_request(
+                            "too_many_topics",
+                            format!("a stream may subscribe to at most {max_topics} topics"),
+                        ));
+                    }
+                    topics.push(value.into_owned());
+                }
+            }
+            "lastEventId" => query_id = Some(value),
+            _ => {}
+        }
+    }
+    if topics.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_topic",
+            "give at least one topic: /stream?topic=NAME (names match [A-Za-z0-9._-]{1,128})",
+        ));
+    }
+    let header_id = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID is not visible ASCII",
+            )
+        })?),
+        None => None,
+    };
+    // EventSource resends the original URL on reconnect, so the header (the
+    // newer position) wins over the parameter. An empty header means "none".
+    let raw = match header_id {
+        Some(h) if !h.is_empty() => Some(h),
+        _ => query_id.as_deref().filter(|q| !q.is_empty()),
+    };
+    let resume = raw
+        .map(|id| {
+            Cursor::parse(id).map_err(|e| {
+                ApiError::bad_request("invalid_last_event_id", format!("Last-Event-ID: {e}"))
+            })
+        })
+        .transpose()?;
+    Ok(StreamRequest { topics, resume })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn get(query: &str) -> Result<StreamRequest, ApiError> {
+        parse(&Method::GET, "/stream", Some(query), &HeaderMap::new(), 4)
+    }
+
+    #[test]
+    fn reads_topics_in_order_without_duplicates() {
+        let r = get("topic=b&topic=a&topic=b&x=1").unwrap();
+        assert_eq!(r.topics, ["b", "a"]);
+        assert_eq!(r.resume, None);
+    }
+
+    #[test]
+    fn rejects_bad_topics_and_methods() {
+        assert_eq!(get("").unwrap_err().code, "missing_topic");
+        assert_eq!(get("topic=").unwrap_err().code, "invalid_topic");
+        assert_eq!(get("topic=a%20b").unwrap_err().code, "invalid_topic");
+        assert_eq!(
+            get("topic=a&topic=b&topic=c&topic=d&topic=e")
+                .unwrap_err()
+                .code,
+            "too_many_topics"
+        );
+        let e = parse(
+            &Method::POST,
+            "/stream",
+            Some("topic=a"),
+            &HeaderMap::new(),
+            4,
+        )
+        .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("GET")));
+        let e = parse(&Method::GET, "/nope", None, &HeaderMap::new(), 4).unwrap_err();
+        assert_eq!(e.status.as_u16(), 404);
+    }
+
+    #[test]
+    fn header_wins_over_query_parameter() {
+        let mut h = HeaderMap::new();
+        h.insert("last-event-id", HeaderValue::from_static("a:1-9"));
+        let r = parse(
+            &Method::GET,
+            "/stream",
+            Some("topic=a&lastEventId=a:1-2"),
+            &h,
+            4,
+        )
+        .unwrap();
+        assert_eq!(r.resume.unwrap().to_string(), "a:1-9");
+        let r = get("topic=a&lastEventId=a%3A1-2").unwrap();
+        assert_eq!(r.resume.unwrap().to_string(), "a:1-2");
+    }
+
+    #[test]
+    fn malformed_ids_are_rejected() {
+        assert_eq!(
+            get("topic=a&lastEventId=zzz").unwrap_err().code,
+            "invalid_last_event_id"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "last-event-id",
+            HeaderValue::from_bytes(b"a:1-\xff").unwrap(),
+        );
+        let e = parse(&Method::GET, "/stream", Some("topic=a"), &h, 4).unwrap_err();
+        assert_eq!(e.code, "invalid_last_event_id");
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(query in "\\PC{0,80}", id in "\\PC{0,40}") {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                h.insert("last-event-id", v);
+            }
+            let _ = parse(&Method::GET, "/stream", Some(&query), &h, 16);
+        }
+    }
+}
