@@ -1,0 +1,399 @@
+//! Shared helpers for the integration tests: a gateway on ephemeral ports
+//! (in-process or the real binary), an SSE client over real sockets, and
+//! condition waits with deadlines (never bare sleeps).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use serde_json::Value;
+use streamline::Config;
+use streamline::hub::Hub;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Flags every test gateway gets: ephemeral ports, a fast shutdown.
+fn base_args() -> Vec<String> {
+    [
+        "streamline",
+        "--control-addr",
+        "127.0.0.1:0",
+        "--stream-addr",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0s",
+        "--drain-window",
+        "200ms",
+        "--write-timeout",
+        "2s",
+        "--grace-period",
+        "10s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A gateway running inside the test process.
+pub struct TestGateway {
+    pub control: SocketAddr,
+    pub stream: SocketAddr,
+    pub hub: Arc<Hub>,
+    pub token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra flags (later flags override the defaults above).
+    pub async fn start_with(extra: &[&str]) -> TestGateway {
+        let mut args = base_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = Config::try_parse_from(&args).expect("test flags parse");
+        let gw = streamline::Gateway::bind(config).await.expect("gateway binds");
+        let (control, stream, hub) = (gw.control_addr(), gw.stream_addr(), gw.hub().clone());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(gw.run(token.clone()));
+        TestGateway { control, stream, hub, token, task: Some(task) }
+    }
+
+    pub fn control_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.control, path)
+    }
+
+    /// `query` is everything after `?`, e.g. `topic=a&topic=b`.
+    pub fn stream_url(&self, query: &str) -> String {
+        format!("http://{}/stream?{}", self.stream, query)
+    }
+
+    /// PATCHes `body` and returns the ids; panics unless the answer is 202.
+    pub async fn publish(&self, body: Value) -> Vec<String> {
+        let res = http()
+            .patch(self.control_url("/events"))
+            .json(&body)
+            .send()
+            .await
+            .expect("PATCH /events");
+        assert_eq!(res.status(), 202, "PATCH {body}");
+        let v: Value = res.json().await.expect("JSON reply");
+        v["ids"].as_array().expect("ids").iter().map(|i| i.as_str().unwrap().to_owned()).collect()
+    }
+
+    /// Publishes one event with string data and returns its id.
+    pub async fn publish_one(&self, topic: &str, data: &str) -> String {
+        self.publish(serde_json::json!({"topic": topic, "data": data})).await.remove(0)
+    }
+
+    /// Waits until the hub reports `n` connected clients.
+    pub async fn wait_clients(&self, n: usize) {
+        let hub = self.hub.clone();
+        eventually(&format!("{n} clients connected"), move || hub.client_count() == n).await;
+    }
+
+    /// Cancels the shutdown token and waits for the gateway to finish.
+    pub async fn shutdown(mut self) {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.expect("gateway stops in time").unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A plain HTTP/1.1 client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// Polls `cond` every 10 ms until it holds; fails the test after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One parsed item of an SSE stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Event(SseEvent),
+    Comment(String),
+    Retry(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `id:` field of this event, if it had one.
+    pub id: Option<String>,
+    /// `message` when the event had no `event:` field.
+    pub event: String,
+    pub data: String,
+}
+
+/// An SSE client over a real socket, parsing as EventSource does.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+    pending: std::collections::VecDeque<Item>,
+    cur: SseEvent,
+    has_data: bool,
+    ended: bool,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str) -> SseClient {
+        Self::connect_with(&http(), url, None).await
+    }
+
+    /// Connects, sending `Last-Event-ID` when given. Panics unless 200.
+    pub async fn connect_with(client: &reqwest::Client, url: &str, last_id: Option<&str>) -> SseClient {
+        let c = Self::try_connect(client, url, last_id).await;
+        assert_eq!(c.status, 200, "stream request to {url} refused");
+        c
+    }
+
+    /// Connects and returns whatever status the server answered.
+    pub async fn try_connect(client: &reqwest::Client, url: &str, last_id: Option<&str>) -> SseClient {
+        let mut req = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let res = tokio::time::timeout(WAIT, req.send()).await.expect("connect in time").expect("connect");
+        SseClient {
+            status: res.status().as_u16(),
+            headers: res.headers().clone(),
+            body: res.bytes_stream().boxed(),
+            buf: Vec::new(),
+            pending: Default::default(),
+            cur: SseEvent::default(),
+            has_data: false,
+            ended: false,
+        }
+    }
+
+    /// The next item, or `None` once the server ended the stream.
+    pub async fn next_item(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout(WAIT, self.body.next()).await.expect("stream item in time") {
+                Some(Ok(chunk)) => {
+                    self.buf.extend_from_slice(&chunk);
+                    self.parse_lines();
+                }
+                Some(Err(_)) | None => self.ended = true,
+            }
+        }
+    }
+
+    /// The next event (skipping comments and retry fields).
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            match self.next_item().await? {
+                Item::Event(e) => return Some(e),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads `n` events, failing if the stream ends first.
+    pub async fn events(&mut self, n: usize) -> Vec<SseEvent> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let e = self.next_event().await.unwrap_or_else(|| panic!("stream ended after {} of {n} events", out.len()));
+            out.push(e);
+        }
+        out
+    }
+
+    /// Reads until the server ends the stream; returns the events seen.
+    pub async fn until_end(&mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next_event().await {
+            out.push(e);
+        }
+        out
+    }
+
+    /// The client id from the preamble comment (`: client <id>`).
+    pub async fn client_id(&mut self) -> String {
+        loop {
+            match self.next_item().await.expect("preamble") {
+                Item::Comment(c) if c.starts_with("client ") => return c["client ".len()..].to_owned(),
+                Item::Retry(_) => continue,
+                other => panic!("expected the preamble, got {other:?}"),
+            }
+        }
+    }
+
+    fn parse_lines(&mut self) {
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            let line = String::from_utf8(line[..line.len() - 1].to_vec()).expect("stream is UTF-8");
+            let line = line.strip_suffix('\r').unwrap_or(&line).to_owned();
+            if line.is_empty() {
+                if self.has_data {
+                    let mut ev = std::mem::take(&mut self.cur);
+                    ev.data.pop();
+                    if ev.event.is_empty() {
+                        ev.event = "message".into();
+                    }
+                    self.pending.push_back(Item::Event(ev));
+                }
+                self.cur = SseEvent::default();
+                self.has_data = false;
+                continue;
+            }
+            if let Some(c) = line.strip_prefix(':') {
+                self.pending.push_back(Item::Comment(c.strip_prefix(' ').unwrap_or(c).to_owned()));
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f.to_owned(), v.strip_prefix(' ').unwrap_or(v).to_owned()),
+                None => (line.clone(), String::new()),
+            };
+            match field.as_str() {
+                "data" => {
+                    self.cur.data.push_str(&value);
+                    self.cur.data.push('\n');
+                    self.has_data = true;
+                }
+                "event" => self.cur.event = value,
+                "id" => self.cur.id = Some(value),
+                "retry" => {
+                    if let Ok(ms) = value.parse() {
+                        self.pending.push_back(Item::Retry(ms));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The real `streamline` binary, started on ephemeral ports with JSON logs.
+pub struct BinaryGateway {
+    pub child: Child,
+    pub control: SocketAddr,
+    pub stream: SocketAddr,
+    /// Every log line the process printed so far is forwarded here.
+    pub logs: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl BinaryGateway {
+    pub async fn start(extra: &[&str]) -> BinaryGateway {
+        let mut args = base_args();
+        args.remove(0);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["--log-format".into(), "json".into()]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streamline"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn streamline");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let listening = tokio::time::timeout(WAIT, async {
+            loop {
+                let line = rx.recv().await.expect("streamline exited before listening");
+                if line["message"] == "streamline listening" {
+                    return line;
+                }
+            }
+        })
+        .await
+        .expect("streamline starts in time");
+        let addr = |k: &str| listening[k].as_str().unwrap().parse().unwrap();
+        BinaryGateway { control: addr("control_addr"), stream: addr("stream_addr"), child, logs: rx }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the log line whose `message` is `msg` (or whose `phase` is `msg`).
+    pub async fn wait_log(&mut self, msg: &str) -> Value {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let line = self.logs.recv().await.unwrap_or_else(|| panic!("exited before logging {msg:?}"));
+                if line["message"] == msg || line["phase"] == msg {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log {msg:?} in time"))
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait()).await.expect("exits in time").unwrap()
+    }
+
+    pub fn control_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.control, path)
+    }
+
+    pub fn stream_url(&self, query: &str) -> String {
+        format!("http://{}/stream?{}", self.stream, query)
+    }
+}
+
+/// Resident set size of a process, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Number of threads of a process.
+pub fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
