@@ -25,6 +25,9 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 /// Server-Sent Events.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "streamline", version, about, max_term_width = 100)]
+// The last of a repeated flag wins, so wrappers (and tests) can append
+// overrides to a base command line.
+#[command(args_override_self = true)]
 pub struct Config {
     /// Address of the control plane (REST API, health, metrics).
     #[arg(
@@ -112,6 +115,36 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_DEMO")]
     pub demo: bool,
 
+    /// This replica's name in the cluster-wide client registry [default:
+    /// the host name and a random suffix].
+    #[arg(long, env = "STREAMLINE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Redis URL (`redis://` or `rediss://`). Enables Redis as the bus and
+    /// shared history between replicas, and the cluster-wide client registry.
+    #[arg(long, env = "STREAMLINE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel Streamline uses.
+    #[arg(long, env = "STREAMLINE_REDIS_PREFIX", default_value = "streamline")]
+    pub redis_prefix: String,
+
+    /// Approximate number of events kept per topic in Redis (XADD MAXLEN ~).
+    #[arg(
+        long,
+        env = "STREAMLINE_REDIS_STREAM_MAXLEN",
+        default_value_t = 100_000
+    )]
+    pub redis_stream_maxlen: usize,
+
+    /// Bound on each Redis command; PATCH answers 503 past it.
+    #[arg(long, env = "STREAMLINE_REDIS_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub redis_timeout: Duration,
+
+    /// Most history readers (resume beyond memory) running at once.
+    #[arg(long, env = "STREAMLINE_MAX_CATCH_UP", default_value_t = 64)]
+    pub max_catch_up: usize,
+
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(
         long,
@@ -152,6 +185,7 @@ impl Config {
             ("max-lag", self.max_lag),
             ("max-stream-topics", self.max_stream_topics as u64),
             ("max-clients", self.max_clients as u64),
+            ("max-catch-up", self.max_catch_up as u64),
             ("max-topics", self.max_topics as u64),
         ] {
             if v == 0 {
@@ -162,6 +196,19 @@ impl Config {
             return Err(ConfigError::Zero("heartbeat"));
         }
         Ok(())
+    }
+
+    /// `--replica-id`, or the host name and a random suffix.
+    pub fn replica_id(&self) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "streamline".into());
+        let random =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        format!("{host}-{:06x}", random & 0xff_ffff)
     }
 
     pub fn hub(&self) -> HubConfig {
@@ -209,6 +256,12 @@ mod tests {
             assert_eq!(env, expected, "flag {id}");
             assert!(arg.get_help().is_some(), "flag {id} has no help");
         }
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value() {
+        let c = Config::parse_from(["streamline", "--retry", "1s", "--retry", "3s"]);
+        assert_eq!(c.retry, Duration::from_secs(3));
     }
 
     #[test]

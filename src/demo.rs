@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::backend::NewEvent;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 
@@ -17,8 +18,12 @@ pub async fn run(hub: Arc<Hub>, life: Lifecycle) {
             _ = tick.tick() => {},
             _ = life.draining() => return,
         }
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        if let Err(e) = hub.publish(TOPIC, Some("time"), &now) {
+        let event = NewEvent {
+            topic: TOPIC.into(),
+            event: Some("time".into()),
+            data: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        if let Err(e) = hub.publish_batch(std::slice::from_ref(&event)).await {
             tracing::warn!(error = %e, "demo publish failed");
         }
     }

@@ -101,12 +101,20 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
+impl From<crate::backend::BusError> for ApiError {
+    fn from(e: crate::backend::BusError) -> Self {
+        ApiError::unavailable("backend_unavailable", e.to_string(), 2)
+    }
+}
+
 impl From<crate::hub::HubError> for ApiError {
     fn from(e: crate::hub::HubError) -> Self {
         use crate::hub::HubError::*;
         match e {
             TooManyClients(_) => ApiError::unavailable("too_many_clients", e.to_string(), 5),
             TooManyTopics(_) => ApiError::unavailable("too_many_topics", e.to_string(), 30),
+            Bus(_) => ApiError::unavailable("backend_unavailable", e.to_string(), 2),
+            NotFollowed(_) => ApiError::unavailable("backend_unavailable", e.to_string(), 1),
         }
     }
 }

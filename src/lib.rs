@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -40,9 +41,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use backend::redis::{RedisBus, RedisOptions, clients::ClusterClients};
 pub use config::Config;
 use hub::Hub;
 use lifecycle::{Lifecycle, Timings};
+use tokio_util::task::TaskTracker;
 
 /// A gateway with both listeners bound, ready to [`run`](Gateway::run).
 #[derive(Debug)]
@@ -51,12 +54,17 @@ pub struct Gateway {
     hub: Arc<Hub>,
     control: TcpListener,
     stream: TcpListener,
+    tracker: TaskTracker,
+    redis: Option<Arc<RedisBus>>,
+    replica: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Backend(#[from] backend::BusError),
     #[error("cannot listen on {addr} ({plane} plane): {source}")]
     Bind {
         plane: &'static str,
@@ -81,11 +89,34 @@ impl Gateway {
         };
         let control = bind("control", config.control_addr).await?;
         let stream = bind("stream", config.stream_addr).await?;
+        let hub = Hub::new(config.hub());
+        let tracker = TaskTracker::new();
+        let replica: Arc<str> = config.replica_id().into();
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let opts = RedisOptions {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    stream_maxlen: config.redis_stream_maxlen,
+                    timeout: config.redis_timeout,
+                    max_catch_up: config.max_catch_up,
+                    replica_id: replica.to_string(),
+                };
+                let bus = RedisBus::new(opts, &hub, tracker.clone())?;
+                // A fresh hub has no bus yet.
+                let _ = hub.set_bus(bus.clone());
+                Some(bus)
+            }
+            None => None,
+        };
         Ok(Gateway {
-            hub: Hub::new(config.hub()),
+            hub,
             config,
             control,
             stream,
+            tracker,
+            redis,
+            replica,
         })
     }
 
@@ -111,14 +142,26 @@ impl Gateway {
             hub,
             control,
             stream,
+            tracker,
+            redis,
+            replica,
         } = self;
-        let life = Lifecycle::new(shutdown);
-        let tracker = life.tracker().clone();
+        let life = Lifecycle::with_tracker(shutdown, tracker.clone());
         tracing::info!(
             control_addr = %control.local_addr().map_or(c.control_addr, |a| a),
             stream_addr = %stream.local_addr().map_or(c.stream_addr, |a| a),
+            replica = %replica,
+            backend = redis.as_ref().map_or("memory", |_| "redis"),
             "streamline listening"
         );
+        let mut metrics = metrics::Metrics::new(hub.clone());
+        let cluster = redis.as_ref().map(|bus| {
+            bus.spawn(&life);
+            metrics.register_redis(bus.stats().clone());
+            let cluster = ClusterClients::new(bus, &hub);
+            cluster.spawn(&life);
+            cluster
+        });
 
         let options = stream::StreamOptions {
             header_read_timeout: c.header_read_timeout,
@@ -130,7 +173,9 @@ impl Gateway {
         let state = control::ControlState {
             hub: hub.clone(),
             life: life.clone(),
-            metrics: Arc::new(metrics::Metrics::new(hub.clone())),
+            metrics: Arc::new(metrics),
+            cluster,
+            replica,
         };
         let router = control::router(state, c.max_body);
         let control_life = life.clone();

@@ -35,11 +35,16 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     pub fn new(shutdown: CancellationToken) -> Self {
+        Self::with_tracker(shutdown, TaskTracker::new())
+    }
+
+    /// A lifecycle whose tasks join an existing tracker.
+    pub fn with_tracker(shutdown: CancellationToken, tracker: TaskTracker) -> Self {
         Lifecycle {
             shutdown,
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+            tracker,
         }
     }
 

@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::backend::redis::RedisStats;
 use crate::hub::Hub;
 
 pub struct Metrics {
@@ -46,6 +47,12 @@ impl Metrics {
             registry,
             patch_latency,
         }
+    }
+
+    /// Adds the Redis bus's figures.
+    pub fn register_redis(&mut self, stats: Arc<RedisStats>) {
+        self.registry
+            .register_collector(Box::new(RedisCollector(stats)));
     }
 
     /// The text exposition of every metric.
@@ -126,6 +133,46 @@ impl Collector for HubCollector {
             "slow_clients_skipped",
             "Times a stream skipped ahead for falling behind",
             skipped,
+        )?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct RedisCollector(Arc<RedisStats>);
+
+impl Collector for RedisCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let rtt = s.rtt_micros.load(Relaxed) as f64 / 1e6;
+        let g = ConstGauge::new(rtt);
+        g.encode(e.encode_descriptor(
+            "redis_rtt_seconds",
+            "Round trip of the last Redis PING",
+            None,
+            g.metric_type(),
+        )?)?;
+        let lag = s.read_lag_ms.load(Relaxed) as f64 / 1e3;
+        let g = ConstGauge::new(lag);
+        g.encode(e.encode_descriptor(
+            "redis_read_lag_seconds",
+            "Age of the newest stream entry when the tail read it",
+            None,
+            g.metric_type(),
+        )?)?;
+        let reconnects = s.reconnects.load(Relaxed);
+        counter(
+            &mut e,
+            "redis_reconnects",
+            "Times the Redis tail reconnected",
+            reconnects,
+        )?;
+        let running = s.catch_ups_running.load(Relaxed);
+        gauge(
+            &mut e,
+            "catch_ups_running",
+            "History readers running now",
+            running,
         )?;
         Ok(())
     }

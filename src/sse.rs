@@ -144,6 +144,9 @@ pub enum CloseReason {
     Slow,
     /// An operator ended the stream (`DELETE /clients/{id}`).
     Kicked,
+    /// History needed to resume could not be read from the backend;
+    /// reconnect with the same `Last-Event-ID` to try again.
+    Unavailable,
 }
 
 #[derive(Serialize)]

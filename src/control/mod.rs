@@ -18,12 +18,12 @@ use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
-use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
-use crate::hub::{Client, Hub};
+use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::sse::CloseReason;
@@ -33,6 +33,10 @@ pub struct ControlState {
     pub hub: Arc<Hub>,
     pub life: Lifecycle,
     pub metrics: Arc<Metrics>,
+    /// The cluster-wide client registry (with Redis).
+    pub cluster: Option<Arc<ClusterClients>>,
+    /// This replica's name.
+    pub replica: Arc<str>,
 }
 
 struct Routes {
@@ -108,58 +112,72 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(s): State<ControlState>) -> Response {
-    if s.life.shutting_down() {
-        let body = json!({"status": "shutting_down"});
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    let mut backends = serde_json::Map::new();
+    if let Some(bus) = s.hub.bus() {
+        let state = if bus.is_up() { "up" } else { "down" };
+        backends.insert(bus.name().into(), state.into());
+    }
+    let backends_up = backends.values().all(|v| v == "up");
+    let (status, code) = if s.life.shutting_down() {
+        ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
+    } else if !backends_up {
+        ("backend_unavailable", StatusCode::SERVICE_UNAVAILABLE)
     } else {
-        Json(json!({"status": "ready"})).into_response()
-    }
+        ("ready", StatusCode::OK)
+    };
+    let body = json!({"status": status, "replica": &*s.replica, "backends": backends});
+    (code, Json(body)).into_response()
 }
 
-#[derive(Serialize)]
-struct ClientView<'a> {
-    id: &'a str,
-    remote_addr: String,
-    topics: &'a [Arc<str>],
-    connected_at: String,
-    events_sent: u64,
-    bytes_sent: u64,
-    user_agent: Option<&'a str>,
-    protocol: &'a str,
-}
-
-impl<'a> ClientView<'a> {
-    fn new(c: &'a Client) -> Self {
-        let connected = humantime::format_rfc3339_millis(c.connected_at()).to_string();
-        ClientView {
-            id: c.id(),
-            remote_addr: c.meta().remote_addr.to_string(),
-            topics: c.topics(),
-            connected_at: connected,
-            events_sent: c.events_sent(),
-            bytes_sent: c.bytes_sent(),
-            user_agent: c.meta().user_agent.as_deref(),
-            protocol: c.meta().protocol,
-        }
-    }
-}
-
+/// `GET /clients[?topic=NAME][&scope=cluster]`.
 async fn list_clients(
     State(s): State<ControlState>,
     RawQuery(q): RawQuery,
-) -> Json<serde_json::Value> {
-    let topic = form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "topic")
-        .map(|(_, v)| v.into_owned());
-    let mut clients = s.hub.clients();
-    clients.retain(|c| {
+) -> Result<Response, ApiError> {
+    let (mut topic, mut cluster) = (None, false);
+    for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match &*k {
+            "topic" => topic = Some(v.into_owned()),
+            "scope" if v == "cluster" => cluster = true,
+            "scope" if v == "local" => cluster = false,
+            "scope" => {
+                return Err(ApiError::bad_request(
+                    "invalid_scope",
+                    format!("scope must be local or cluster, not {v:?}"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let wanted = |topics: &[Arc<str>]| {
         topic
             .as_ref()
-            .is_none_or(|t| c.topics().iter().any(|ct| **ct == **t))
-    });
+            .is_none_or(|t| topics.iter().any(|ct| **ct == **t))
+    };
+    if let (true, Some(registry)) = (cluster, &s.cluster) {
+        let mut all = registry.list().await?;
+        all.retain(|c| {
+            let topics: Vec<Arc<str>> = c["topics"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|t| t.as_str()).map(Arc::from).collect())
+                .unwrap_or_default();
+            wanted(&topics)
+        });
+        return Ok(Json(json!({ "clients": all })).into_response());
+    }
+    let mut clients = s.hub.clients();
+    clients.retain(|c| wanted(c.topics()));
     clients.sort_by_key(|c| c.connected_at());
-    let views: Vec<ClientView> = clients.iter().map(|c| ClientView::new(c)).collect();
-    Json(json!({ "clients": views }))
+    let mut views: Vec<serde_json::Value> = Vec::with_capacity(clients.len());
+    for c in &clients {
+        let mut v = serde_json::to_value(c.info()).unwrap_or_default();
+        if cluster {
+            // One replica without Redis is the whole cluster.
+            v["replica"] = json!(&*s.replica);
+        }
+        views.push(v);
+    }
+    Ok(Json(json!({ "clients": views })).into_response())
 }
 
 async fn get_client(
@@ -167,19 +185,25 @@ async fn get_client(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let client = s.hub.client(&id).ok_or_else(|| unknown_client(&id))?;
-    Ok(Json(ClientView::new(&client)).into_response())
+    Ok(Json(client.info()).into_response())
 }
 
+/// Ends a stream on this replica or, with Redis, on whichever holds it.
 async fn delete_client(
     State(s): State<ControlState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if s.hub.close_client(&id, CloseReason::Kicked) {
         tracing::info!(client = %id, "stream ended by an operator");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(unknown_client(&id))
+        return Ok(StatusCode::NO_CONTENT);
     }
+    if let Some(registry) = &s.cluster
+        && registry.kick(&id).await?
+    {
+        tracing::info!(client = %id, "asked another replica to end a stream");
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    Err(unknown_client(&id))
 }
 
 fn unknown_client(id: &str) -> ApiError {
@@ -201,14 +225,14 @@ async fn patch_events(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
-    let result = publish(&s, &headers, body);
+    let result = publish(&s, &headers, body).await;
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
     result
 }
 
-fn publish(
+async fn publish(
     s: &ControlState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -230,12 +254,7 @@ fn publish(
         ApiError::new(status, code, e.body_text())
     })?;
     let events = events::parse_batch(&body)?;
-    s.hub
-        .ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
-    let mut ids = Vec::with_capacity(events.len());
-    for ev in &events {
-        ids.push(s.hub.publish(&ev.topic, ev.event.as_deref(), &ev.data)?);
-    }
+    let ids = s.hub.publish_batch(&events).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response())
 }
 

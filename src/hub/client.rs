@@ -32,6 +32,9 @@ pub struct Client {
     meta: ClientMeta,
     connected_at: SystemTime,
     cursors: Box<[AtomicU64]>,
+    /// Per topic: the head ordinal when the stream joined. Resumed history
+    /// up to there is backlog, not lag (see [`Client::lag_base`]).
+    joined_at: Box<[AtomicU64]>,
     events_sent: AtomicU64,
     bytes_sent: AtomicU64,
     close: AtomicU8,
@@ -51,6 +54,7 @@ fn encode_reason(r: CloseReason) -> u8 {
         CloseReason::Shutdown => 1,
         CloseReason::Slow => 2,
         CloseReason::Kicked => 3,
+        CloseReason::Unavailable => 4,
     }
 }
 
@@ -59,19 +63,50 @@ fn decode_reason(v: u8) -> Option<CloseReason> {
         1 => Some(CloseReason::Shutdown),
         2 => Some(CloseReason::Slow),
         3 => Some(CloseReason::Kicked),
+        4 => Some(CloseReason::Unavailable),
         _ => None,
     }
 }
 
+/// A client as `/clients` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    pub id: Arc<str>,
+    pub remote_addr: String,
+    pub topics: Box<[Arc<str>]>,
+    /// RFC 3339, milliseconds.
+    pub connected_at: String,
+    pub events_sent: u64,
+    pub bytes_sent: u64,
+    pub user_agent: Option<String>,
+    pub protocol: &'static str,
+}
+
 impl Client {
+    /// A snapshot for `/clients` and the cluster registry.
+    pub fn info(&self) -> ClientInfo {
+        ClientInfo {
+            id: self.id.clone(),
+            remote_addr: self.meta.remote_addr.to_string(),
+            topics: self.topics.clone(),
+            connected_at: humantime::format_rfc3339_millis(self.connected_at).to_string(),
+            events_sent: self.events_sent(),
+            bytes_sent: self.bytes_sent(),
+            user_agent: self.meta.user_agent.clone(),
+            protocol: self.meta.protocol,
+        }
+    }
+
     pub(super) fn new(id: Arc<str>, topics: Box<[Arc<str>]>, meta: ClientMeta) -> Self {
         let cursors = topics.iter().map(|_| AtomicU64::new(0)).collect();
+        let joined_at = topics.iter().map(|_| AtomicU64::new(0)).collect();
         Client {
             id,
             topics,
             meta,
             connected_at: SystemTime::now(),
             cursors,
+            joined_at,
             events_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             close: AtomicU8::new(OPEN),
@@ -109,6 +144,19 @@ impl Client {
 
     pub(super) fn set_cursor(&self, index: usize, ordinal: u64) {
         self.cursors[index].store(ordinal, Relaxed);
+    }
+
+    pub(super) fn set_joined_at(&self, index: usize, ordinal: u64) {
+        self.joined_at[index].store(ordinal, Relaxed);
+    }
+
+    /// The ordinal a topic's lag is measured from: the cursor, or where the
+    /// stream joined while it still reads older history. Only events
+    /// published since it joined count towards `max_lag`, so a resume from
+    /// deep in the history is not judged slow (and, under `disconnect`,
+    /// closed again on every reconnect) before it could read anything.
+    pub(super) fn lag_base(&self, index: usize) -> u64 {
+        self.cursor(index).max(self.joined_at[index].load(Relaxed))
     }
 
     /// Counts a write. Only the stream's own task calls this.

@@ -13,12 +13,13 @@ mod subscription;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use client::{Client, ClientMeta};
+pub use client::{Client, ClientInfo, ClientMeta};
 pub use subscription::{Chunk, Subscription};
 
+use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason};
 use ring::Topic;
@@ -60,12 +61,16 @@ impl Default for HubConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HubError {
     #[error("the gateway already serves {0} streams")]
     TooManyClients(usize),
     #[error("the gateway already holds {0} topics")]
     TooManyTopics(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("topic {0:?} is not followed yet; retry")]
+    NotFollowed(String),
 }
 
 /// Counters for `/metrics`; the per-client ones cover clients that are gone
@@ -99,9 +104,13 @@ pub struct Hub {
     topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
     clients: Mutex<HashMap<Arc<str>, Arc<Client>>>,
     next_client: AtomicU64,
+    client_tag: u32,
     heartbeat: AtomicU64,
     accepting: AtomicBool,
     totals: Totals,
+    /// The bus events come from, when there is one (else positions are local).
+    bus: OnceLock<Arc<dyn Bus>>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Hub {
@@ -122,10 +131,30 @@ impl Hub {
             topics: RwLock::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
+            client_tag: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                epoch,
+            ) as u32,
             heartbeat: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
             totals: Totals::default(),
+            bus: OnceLock::new(),
+            started: Instant::now(),
         })
+    }
+
+    /// Plugs in the bus. Call before serving; a hub takes one bus for life.
+    pub fn set_bus(&self, bus: Arc<dyn Bus>) -> Result<(), Arc<dyn Bus>> {
+        self.bus.set(bus)
+    }
+
+    pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
+        self.bus.get()
+    }
+
+    /// Milliseconds since the hub started (a monotonic clock for topics).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -141,9 +170,18 @@ impl Hub {
         &self.totals
     }
 
-    fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, HubError> {
-        if let Some(t) = self.read_topics().get(name) {
-            return Ok(t.clone());
+    fn get_topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.read_topics().get(name).cloned()
+    }
+
+    /// The topic, created starting after `start` if it does not exist.
+    fn create_topic(
+        &self,
+        name: &str,
+        start: impl FnOnce() -> Position,
+    ) -> Result<Arc<Topic>, HubError> {
+        if let Some(t) = self.get_topic(name) {
+            return Ok(t);
         }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = topics.get(name) {
@@ -153,10 +191,21 @@ impl Hub {
             return Err(HubError::TooManyTopics(topics.len()));
         }
         let name: Arc<str> = name.into();
-        let start = Position::new(self.epoch, self.seq.load(Relaxed));
-        let topic = Arc::new(Topic::new(name.clone(), start));
+        let topic = Arc::new(Topic::new(name.clone(), start()));
+        topic.touch(self.now_ms());
         topics.insert(name, topic.clone());
         Ok(topic)
+    }
+
+    /// A topic with local positions, created on first use.
+    fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, HubError> {
+        self.create_topic(name, || Position::new(self.epoch, self.seq.load(Relaxed)))
+    }
+
+    /// For buses: creates `name` starting after `start` unless it exists;
+    /// returns the position its ring has reached.
+    pub fn ensure_topic_at(&self, name: &str, start: Position) -> Result<Position, HubError> {
+        Ok(self.create_topic(name, || start)?.head().1)
     }
 
     fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Topic>>> {
@@ -175,8 +224,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Publishes one event and returns its id (`topic:hi-lo`). The caller has
-    /// validated the topic name and that `event` has no line break.
+    /// Publishes one event locally (no bus) and returns its id
+    /// (`topic:hi-lo`). The caller has validated the topic name and that
+    /// `event` has no line break.
     pub fn publish(
         &self,
         topic: &str,
@@ -184,21 +234,58 @@ impl Hub {
         data: &str,
     ) -> Result<String, HubError> {
         let t = self.topic_or_create(topic)?;
+        let appended = self.append(&t, |_| {
+            let pos = Position::new(self.epoch, self.seq.fetch_add(1, Relaxed) + 1);
+            Some((
+                pos,
+                sse::encode_event(&format!("{topic}:{pos}"), event, data),
+            ))
+        });
+        let pos = appended.expect("a local publish always appends");
+        Ok(format!("{topic}:{pos}"))
+    }
+
+    /// Publishes a checked batch, all or nothing: through the bus when there
+    /// is one (the events then arrive via `publish_at`), else locally.
+    pub async fn publish_batch(&self, events: &[NewEvent]) -> Result<Vec<String>, HubError> {
+        if let Some(bus) = self.bus() {
+            return Ok(bus.publish(events).await?);
+        }
+        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
+        events
+            .iter()
+            .map(|e| self.publish(&e.topic, e.event.as_deref(), &e.data))
+            .collect()
+    }
+
+    /// For buses: appends an event the bus delivered, at the bus's position.
+    /// Ignored (false) when the topic is not followed or the ring already
+    /// has that position.
+    pub fn publish_at(&self, topic: &str, pos: Position, event: Option<&str>, data: &str) -> bool {
+        let Some(t) = self.get_topic(topic) else {
+            return false;
+        };
+        self.append(&t, |head| {
+            (pos > head).then(|| {
+                (
+                    pos,
+                    sse::encode_event(&format!("{topic}:{pos}"), event, data),
+                )
+            })
+        })
+        .is_some()
+    }
+
+    fn append(
+        &self,
+        t: &Topic,
+        make: impl FnOnce(Position) -> Option<(Position, sse::Frame)>,
+    ) -> Option<Position> {
         let c = &self.config;
         let (head, pos) = {
             // Held (shared) so a sweep cannot forget the topic mid-publish.
             let _topics = self.read_topics();
-            t.push(
-                || {
-                    let pos = Position::new(self.epoch, self.seq.fetch_add(1, Relaxed) + 1);
-                    (
-                        pos,
-                        sse::encode_event(&format!("{topic}:{pos}"), event, data),
-                    )
-                },
-                c.history_size,
-                c.history_ttl,
-            )
+            t.push(make, c.history_size, c.history_ttl)?
         };
         self.totals.events_published.fetch_add(1, Relaxed);
         let lag_limit = (c.slow_client_policy == SlowClientPolicy::Disconnect).then_some(c.max_lag);
@@ -208,7 +295,42 @@ impl Hub {
                 .slow_disconnected
                 .fetch_add(slow as u64, Relaxed);
         }
-        Ok(format!("{topic}:{pos}"))
+        Some(pos)
+    }
+
+    /// Gets `topics` ready for a stream: with a bus, follows those this
+    /// replica does not follow yet. Call before [`subscribe`](Self::subscribe).
+    pub async fn prepare(&self, topics: &[String]) -> Result<(), HubError> {
+        let Some(bus) = self.bus() else {
+            return Ok(());
+        };
+        for name in topics {
+            match self.get_topic(name) {
+                Some(t) => t.touch(self.now_ms()),
+                None => bus.follow(name).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// For buses: forgets a followed topic nobody has wanted for `linger`;
+    /// true when it was forgotten (the bus then stops following it).
+    pub fn forget_if_idle(&self, name: &str, linger: Duration) -> bool {
+        let now = self.now_ms();
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let idle = topics.get(name).is_none_or(|t| {
+            t.subscriber_count() == 0
+                && now.saturating_sub(t.touched_ms()) >= linger.as_millis() as u64
+        });
+        if idle {
+            topics.remove(name);
+        }
+        idle
+    }
+
+    /// Names of the topics held now.
+    pub fn topic_names(&self) -> Vec<Arc<str>> {
+        self.read_topics().keys().cloned().collect()
     }
 
     /// Opens a stream on `topics` (validated, without duplicates), resuming
@@ -244,9 +366,10 @@ impl Hub {
         t.closed_bytes_sent.fetch_add(client.bytes_sent(), Relaxed);
     }
 
+    /// `<process tag>-<n>`: the random tag keeps ids unique across replicas.
     fn new_client_id(&self) -> Arc<str> {
         let n = self.next_client.fetch_add(1, Relaxed);
-        format!("{:x}-{n}", self.epoch).into()
+        format!("{:08x}-{n}", self.client_tag).into()
     }
 
     /// Every connected client, in no particular order.
@@ -310,11 +433,13 @@ impl Hub {
         self.heartbeat.load(Relaxed)
     }
 
-    /// Evicts expired events and forgets topics that are empty and unused.
+    /// Evicts expired events and forgets local topics that are empty and
+    /// unused (a bus forgets its topics itself, via `forget_if_idle`).
     pub fn sweep(&self) {
         let c = &self.config;
+        let local = self.bus().is_none();
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        topics.retain(|_, t| !t.sweep(c.history_size, c.history_ttl));
+        topics.retain(|_, t| !(t.sweep(c.history_size, c.history_ttl) && local));
     }
 
     /// Whether new streams are accepted (false once draining).
@@ -327,3 +452,5 @@ impl Hub {
     }
 }
 
+#[cfg(test)]
+mod tests;

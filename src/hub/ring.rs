@@ -10,6 +10,7 @@
 //! an await, and never both at once.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -71,14 +72,17 @@ pub enum Read {
 pub enum Resume {
     /// Start after this ordinal (position known).
     At(u64, Position),
-    /// The point is older than what is retained.
-    Expired,
+    /// The point is older than what is retained, which starts after `floor`.
+    Expired { floor: Position },
     /// The point is newer than anything published here.
     Unknown,
 }
 
 pub struct Topic {
     name: Arc<str>,
+    /// When a stream last asked for this topic (ms on the hub's clock); a
+    /// followed topic is kept at least a linger period after that.
+    touched_ms: AtomicU64,
     ring: RwLock<Ring>,
     subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
 }
@@ -87,6 +91,7 @@ impl Topic {
     pub fn new(name: Arc<str>, start: Position) -> Self {
         Topic {
             name,
+            touched_ms: AtomicU64::new(0),
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
                 first: 1,
@@ -102,18 +107,28 @@ impl Topic {
         &self.name
     }
 
-    /// Appends an event. `make` assigns the event's position and encodes its
-    /// frame; it runs under the ring's write lock so that positions and ring
-    /// order always agree. Returns the new head ordinal and the position.
+    pub fn touch(&self, now_ms: u64) {
+        self.touched_ms.store(now_ms, Relaxed);
+    }
+
+    pub fn touched_ms(&self) -> u64 {
+        self.touched_ms.load(Relaxed)
+    }
+
+    /// Appends an event. `make` gets the current head position and returns
+    /// the new event's position and frame, or `None` to skip it (a bus
+    /// re-delivering what the ring has). It runs under the ring's write lock,
+    /// so positions and ring order always agree. Returns the new head ordinal
+    /// and the event's position.
     pub fn push(
         &self,
-        make: impl FnOnce() -> (Position, Frame),
+        make: impl FnOnce(Position) -> Option<(Position, Frame)>,
         max_len: usize,
         ttl: Duration,
-    ) -> (u64, Position) {
+    ) -> Option<(u64, Position)> {
         let now = Instant::now();
         let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
-        let (pos, frame) = make();
+        let (pos, frame) = make(ring.head_pos)?;
         ring.events.push_back(Stored {
             pos,
             at: now,
@@ -122,7 +137,7 @@ impl Topic {
         ring.head_pos = pos;
         ring.published += 1;
         ring.evict(max_len.max(1), ttl, now);
-        (ring.head(), pos)
+        Some((ring.head(), pos))
     }
 
     /// Drops expired events; true when the topic is empty and unsubscribed,
@@ -172,7 +187,9 @@ impl Topic {
             return Resume::Unknown;
         }
         if pos < ring.floor_pos {
-            return Resume::Expired;
+            return Resume::Expired {
+                floor: ring.floor_pos,
+            };
         }
         let idx = ring.events.partition_point(|ev| ev.pos <= pos);
         Resume::At(ring.first + idx as u64 - 1, pos)
@@ -207,7 +224,7 @@ impl Topic {
         let mut slow = 0;
         for (_, (client, index)) in subs.iter() {
             if let Some(limit) = lag_limit
-                && head.saturating_sub(client.cursor(*index)) > limit
+                && head.saturating_sub(client.lag_base(*index)) > limit
                 && client.close(crate::sse::CloseReason::Slow)
             {
                 slow += 1;
@@ -229,8 +246,8 @@ mod tests {
 
     fn push(t: &Topic, lo: u64, max_len: usize) -> u64 {
         let pos = Position::new(7, lo);
-        let make = || (pos, encode_event(&format!("t:{pos}"), None, "x"));
-        t.push(make, max_len, Duration::from_secs(60)).0
+        let make = |_| Some((pos, encode_event(&format!("t:{pos}"), None, "x")));
+        t.push(make, max_len, Duration::from_secs(60)).unwrap().0
     }
 
     #[test]
@@ -259,11 +276,17 @@ mod tests {
         assert!(matches!(t.read(0, 100), Read::Overrun));
         assert!(matches!(t.read(1, 100), Read::Overrun));
         assert!(matches!(t.read(2, 100), Read::Event(3, _, _)));
-        assert!(matches!(t.locate(Position::new(7, 1)), Resume::Expired));
+        assert!(matches!(
+            t.locate(Position::new(7, 1)),
+            Resume::Expired { .. }
+        ));
         assert!(matches!(t.locate(Position::new(7, 2)), Resume::At(2, _)));
         assert!(matches!(t.locate(Position::new(7, 5)), Resume::At(5, _)));
         assert!(matches!(t.locate(Position::new(7, 6)), Resume::Unknown));
-        assert!(matches!(t.locate(Position::new(6, 9)), Resume::Expired));
+        assert!(matches!(
+            t.locate(Position::new(6, 9)),
+            Resume::Expired { .. }
+        ));
     }
 
     #[test]
@@ -287,7 +310,7 @@ mod tests {
     #[test]
     fn ttl_evicts_old_events() {
         let t = topic();
-        let make = || (Position::new(7, 1), encode_event("t:7-1", None, "x"));
+        let make = |_| Some((Position::new(7, 1), encode_event("t:7-1", None, "x")));
         t.push(make, 10, Duration::ZERO);
         assert!(t.sweep(10, Duration::ZERO));
         assert!(matches!(t.read(0, 100), Read::Overrun));

@@ -12,18 +12,40 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use super::client::{Client, ClientMeta};
 use super::ring::{Read, Resume, Topic};
 use super::{Hub, HubError, SlowClientPolicy};
+use crate::backend::{CatchUp, StoredEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason, GapReason};
+
+/// The cursor a topic shows publishers while it is read back from the bus:
+/// no lag, so a catching-up stream is never judged slow by the ring.
+const CATCHING_UP: u64 = u64::MAX;
 
 struct Sub {
     topic: Arc<Topic>,
     key: usize,
     /// Position of the last event written (or where the stream started).
     last: Position,
+    /// With a bus: the client has seen up to here, further than this
+    /// replica's ring has got; ring events up to it are skipped.
+    skip_upto: Option<Position>,
+    /// With a bus: reading history older than the ring back from the bus.
+    catch_up: Option<CatchUpReader>,
+}
+
+struct CatchUpReader {
+    rx: mpsc::Receiver<CatchUp>,
+    buf: VecDeque<StoredEvent>,
+}
+
+/// What one topic has for the stream now.
+enum Step {
+    Chunk(Chunk),
+    Nothing,
 }
 
 /// What to write next. A multi-topic stream writes its own id line before
@@ -67,10 +89,18 @@ impl Subscription {
             pending: VecDeque::new(),
             ended: false,
         };
+        let bus = sub.hub.bus().cloned();
         for (index, name) in topics.iter().enumerate() {
             // Dropping `sub` on error deregisters the client and the topics
             // joined so far.
-            let topic = match sub.hub.topic_or_create(name) {
+            let topic = match &bus {
+                None => sub.hub.topic_or_create(name),
+                Some(_) => sub
+                    .hub
+                    .get_topic(name)
+                    .ok_or_else(|| HubError::NotFollowed(name.clone())),
+            };
+            let topic = match topic {
                 Ok(t) => t,
                 Err(e) => {
                     sub.subs = subs.into_boxed_slice();
@@ -78,33 +108,45 @@ impl Subscription {
                 }
             };
             let (head, head_pos) = topic.head();
-            let (ordinal, last) = match resume.and_then(|c| c.get(name)) {
-                None => (head, head_pos),
-                Some(pos) if pos.hi != sub.hub.epoch => {
-                    gaps.push((index, GapReason::Unknown));
-                    (head, head_pos)
-                }
-                Some(pos) => match topic.locate(pos) {
-                    Resume::At(ordinal, pos) => (ordinal, pos),
-                    Resume::Expired => {
-                        gaps.push((index, GapReason::Expired));
-                        (head, head_pos)
-                    }
-                    Resume::Unknown => {
-                        gaps.push((index, GapReason::Unknown));
-                        (head, head_pos)
-                    }
-                },
+            let mut s = Sub {
+                topic,
+                key: 0,
+                last: head_pos,
+                skip_upto: None,
+                catch_up: None,
             };
+            let mut ordinal = head;
+            match resume.and_then(|c| c.get(name)) {
+                None => {}
+                Some(pos) if bus.is_none() && pos.hi != sub.hub.epoch => {
+                    gaps.push((index, GapReason::Unknown))
+                }
+                Some(pos) => match s.topic.locate(pos) {
+                    Resume::At(o, p) => (ordinal, s.last) = (o, p),
+                    Resume::Expired { floor } => match &bus {
+                        Some(bus) => {
+                            s.last = pos;
+                            s.catch_up = Some(CatchUpReader::new(bus.catch_up(name, pos, floor)));
+                            ordinal = CATCHING_UP;
+                        }
+                        None => gaps.push((index, GapReason::Expired)),
+                    },
+                    Resume::Unknown => match &bus {
+                        Some(_) => (s.last, s.skip_upto) = (pos, Some(pos)),
+                        None => gaps.push((index, GapReason::Unknown)),
+                    },
+                },
+            }
             // The cursor is set before the topic can see this subscriber, so
             // a publisher never judges its lag from a stale cursor.
             sub.client.set_cursor(index, ordinal);
-            let key = {
+            sub.client.set_joined_at(index, head);
+            s.key = {
                 // Held so a sweep cannot forget the topic before we join it.
                 let _topics = sub.hub.read_topics();
-                topic.subscribe(sub.client.clone(), index)
+                s.topic.subscribe(sub.client.clone(), index)
             };
-            subs.push(Sub { topic, key, last });
+            subs.push(s);
         }
         sub.subs = subs.into_boxed_slice();
         for (index, reason) in gaps {
@@ -149,7 +191,7 @@ impl Subscription {
                     .push_back(sse::close_notice(reason, self.hub.config.retry));
                 continue;
             }
-            if let Some(chunk) = self.next_event() {
+            if let Some(chunk) = self.next_event(cx) {
                 return Poll::Ready(Some(chunk));
             }
             if !self.pending.is_empty() || self.client.close_reason().is_some() {
@@ -173,37 +215,126 @@ impl Subscription {
 
     /// Reads the next event of any topic, rotating so no topic starves the
     /// others. Applies the slow-client policy when a topic has run ahead.
-    fn next_event(&mut self) -> Option<Chunk> {
+    fn next_event(&mut self, cx: &mut Context<'_>) -> Option<Chunk> {
         let n = self.subs.len();
-        let max_lag = self.hub.config.max_lag;
         for k in 0..n {
             let i = (self.next + k) % n;
-            let after = self.client.cursor(i);
-            match self.subs[i].topic.read(after, max_lag) {
-                Read::Empty => continue,
-                Read::Event(ordinal, pos, frame) => {
-                    self.client.set_cursor(i, ordinal);
-                    self.subs[i].last = pos;
-                    self.next = (i + 1) % n;
-                    let chunk = if n == 1 {
-                        Chunk::One(frame.bytes().clone())
-                    } else {
-                        Chunk::Two(sse::id_line(&self.cursor_id()), frame.body())
-                    };
-                    let len = match &chunk {
-                        Chunk::One(b) => b.len(),
-                        Chunk::Two(a, b) => a.len() + b.len(),
-                    };
-                    self.client.count(1, len);
-                    return Some(chunk);
-                }
-                Read::Overrun | Read::Lagging => {
-                    self.fall_behind(i);
-                    return None;
-                }
+            if let Step::Chunk(chunk) = self.step(i, cx) {
+                self.next = (i + 1) % n;
+                let len = match &chunk {
+                    Chunk::One(b) => b.len(),
+                    Chunk::Two(a, b) => a.len() + b.len(),
+                };
+                self.client.count(1, len);
+                return Some(chunk);
+            }
+            if !self.pending.is_empty() || self.client.close_reason().is_some() {
+                return None;
             }
         }
         None
+    }
+
+    fn step(&mut self, i: usize, cx: &mut Context<'_>) -> Step {
+        if self.subs[i].catch_up.is_some() {
+            match self.step_catch_up(i, cx) {
+                Some(step) => return step,
+                None => {} // handed over to the ring
+            }
+        }
+        let max_lag = self.hub.config.max_lag;
+        loop {
+            let after = self.client.cursor(i);
+            // History from before the stream joined is backlog, not lag.
+            let allowance = max_lag.saturating_add(self.client.lag_base(i) - after);
+            let sub = &mut self.subs[i];
+            match sub.topic.read(after, allowance) {
+                Read::Empty => return Step::Nothing,
+                Read::Event(ordinal, pos, frame) => {
+                    self.client.set_cursor(i, ordinal);
+                    if sub.skip_upto.is_some_and(|seen| pos <= seen) {
+                        continue;
+                    }
+                    sub.skip_upto = None;
+                    sub.last = pos;
+                    return Step::Chunk(if self.subs.len() == 1 {
+                        Chunk::One(frame.bytes().clone())
+                    } else {
+                        Chunk::Two(sse::id_line(&self.cursor_id()), frame.body())
+                    });
+                }
+                Read::Overrun | Read::Lagging => {
+                    self.fall_behind(i);
+                    return Step::Nothing;
+                }
+            }
+        }
+    }
+
+    /// Serves topic `i` from its catch-up reader; `None` once the reader has
+    /// reached the ring and the topic reads from the ring again.
+    fn step_catch_up(&mut self, i: usize, cx: &mut Context<'_>) -> Option<Step> {
+        loop {
+            let sub = &mut self.subs[i];
+            let reader = sub.catch_up.as_mut()?;
+            if let Some(ev) = reader.buf.pop_front() {
+                sub.last = ev.pos;
+                let name = sub.topic.name().clone();
+                let id = if self.subs.len() == 1 {
+                    format!("{name}:{}", ev.pos)
+                } else {
+                    self.cursor_id()
+                };
+                let frame = sse::encode_event(&id, ev.event.as_deref(), &ev.data);
+                return Some(Step::Chunk(Chunk::One(frame.bytes().clone())));
+            }
+            match reader.rx.poll_recv(cx) {
+                Poll::Pending => return Some(Step::Nothing),
+                Poll::Ready(Some(CatchUp::Events(events))) => reader.buf.extend(events),
+                Poll::Ready(Some(CatchUp::Gap)) => {
+                    sub.catch_up = None;
+                    self.jump_to_live(i, GapReason::Expired);
+                    return Some(Step::Nothing);
+                }
+                Poll::Ready(Some(CatchUp::Failed(reason))) => {
+                    tracing::warn!(client = %self.client.id(), %reason, "catch-up failed; closing the stream");
+                    self.client.close(CloseReason::Unavailable);
+                    return Some(Step::Nothing);
+                }
+                Poll::Ready(None) => match sub.topic.locate(sub.last) {
+                    Resume::At(ordinal, _) => {
+                        sub.catch_up = None;
+                        self.client.set_cursor(i, ordinal);
+                        return None;
+                    }
+                    // The ring moved on while we read: read up to its new start.
+                    Resume::Expired { floor } => {
+                        let rx = match self.hub.bus() {
+                            Some(bus) => bus.catch_up(sub.topic.name(), sub.last, floor),
+                            None => return Some(Step::Nothing),
+                        };
+                        sub.catch_up = Some(CatchUpReader::new(rx));
+                    }
+                    Resume::Unknown => {
+                        let (head, _) = sub.topic.head();
+                        sub.skip_upto = Some(sub.last);
+                        sub.catch_up = None;
+                        self.client.set_cursor(i, head);
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+
+    fn jump_to_live(&mut self, i: usize, reason: GapReason) {
+        let (head, head_pos) = self.subs[i].topic.head();
+        self.client.set_cursor(i, head);
+        self.subs[i].last = head_pos;
+        self.subs[i].skip_upto = None;
+        let id = self.cursor_id();
+        let name = self.subs[i].topic.name().clone();
+        self.pending.push_back(sse::gap_notice(&id, &name, reason));
     }
 
     fn fall_behind(&mut self, i: usize) {
@@ -214,15 +345,18 @@ impl Subscription {
                 }
             }
             SlowClientPolicy::Skip => {
-                let (head, head_pos) = self.subs[i].topic.head();
-                self.client.set_cursor(i, head);
-                self.subs[i].last = head_pos;
                 self.hub.totals.slow_skipped.fetch_add(1, Relaxed);
-                let id = self.cursor_id();
-                let name = self.subs[i].topic.name().clone();
-                self.pending
-                    .push_back(sse::gap_notice(&id, &name, GapReason::Slow));
+                self.jump_to_live(i, GapReason::Slow);
             }
+        }
+    }
+}
+
+impl CatchUpReader {
+    fn new(rx: mpsc::Receiver<CatchUp>) -> Self {
+        CatchUpReader {
+            rx,
+            buf: VecDeque::new(),
         }
     }
 }

@@ -110,8 +110,8 @@ async fn connection(
         let ended = ended.clone();
         let options = options.clone();
         service_fn(move |req| {
-            let res = handle(req, remote, &hub, &options, &ended);
-            async move { Ok::<_, Infallible>(res) }
+            let (hub, options, ended) = (hub.clone(), options.clone(), ended.clone());
+            async move { Ok::<_, Infallible>(handle(req, remote, &hub, &options, &ended).await) }
         })
     };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -136,14 +136,14 @@ async fn connection(
     }
 }
 
-fn handle(
+async fn handle(
     req: Request<Incoming>,
     remote: SocketAddr,
     hub: &Arc<Hub>,
     options: &StreamOptions,
     ended: &CancellationToken,
 ) -> StreamResponse {
-    match open_stream(&req, remote, hub, options, ended) {
+    match open_stream(&req, remote, hub, options, ended).await {
         Ok(res) => res,
         Err(e) => {
             tracing::debug!(status = e.status.as_u16(), code = e.code, "stream refused");
@@ -152,7 +152,7 @@ fn handle(
     }
 }
 
-fn open_stream(
+async fn open_stream(
     req: &Request<Incoming>,
     remote: SocketAddr,
     hub: &Arc<Hub>,
@@ -174,6 +174,7 @@ fn open_stream(
             1,
         ));
     }
+    hub.prepare(&parsed.topics).await?;
     let http1 = req.version() < http::Version::HTTP_2;
     let meta = ClientMeta {
         remote_addr: remote,

@@ -1,0 +1,84 @@
+//! Backends: where events come from and where they are made durable.
+//!
+//! With no backend the hub is the whole story (the embedded in-memory
+//! default). A [`Bus`] plugged into the hub changes three things:
+//! - `PATCH /events` hands events to the bus and answers once the bus has
+//!   them; they reach this replica's clients the same way as every other
+//!   replica's, through the bus, so all replicas give an event the same id;
+//! - a topic's ring starts at the newest position the bus has when the topic
+//!   is first followed, and positions (ids) come from the bus;
+//! - a resume point older than the ring is read back from the bus
+//!   ([`Bus::catch_up`]) and handed over to the ring with no gap or duplicate.
+//!
+//! Architecture invariant: a backend never blocks the hub: it talks to the
+//! hub only through `Hub::publish_at` (from its own tasks) and bounded
+//! channels.
+
+pub mod redis;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::id::Position;
+
+/// An event to publish (checked: valid topic, event name without CR/LF).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub topic: String,
+    pub event: Option<String>,
+    /// The payload as it goes on the wire.
+    pub data: String,
+}
+
+/// An event read back from a bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub pos: Position,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// One message from a catch-up reader.
+#[derive(Debug)]
+pub enum CatchUp {
+    /// The next events, oldest first.
+    Events(Vec<StoredEvent>),
+    /// Events after the resume point were deleted from the bus too.
+    Gap,
+    /// The bus cannot be read now; the client should retry later.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("{backend} is unavailable: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+/// An event source and bus shared by several replicas (Redis, Kafka).
+pub trait Bus: Send + Sync + 'static {
+    /// A short name for logs and `/ready` (`redis`, `kafka`).
+    fn name(&self) -> &'static str;
+
+    /// Makes `events` durable, all or nothing; returns their ids in order.
+    fn publish<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>>;
+
+    /// Starts following `topic` if this replica does not yet: creates the
+    /// hub's topic at the newest position the bus has for it
+    /// (`Hub::ensure_topic_at`), then delivers every later event with
+    /// `Hub::publish_at`, in order.
+    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Reads `topic` after `after` up to and including `until`, on a reader
+    /// owned by one stream: it ends when done or when the receiver is dropped.
+    fn catch_up(&self, topic: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp>;
+
+    /// Whether the bus answers now.
+    fn is_up(&self) -> bool;
+}

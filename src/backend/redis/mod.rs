@@ -1,0 +1,514 @@
+//! Redis as the bus and shared history for replicas without Kafka: one Redis
+//! Stream per topic (`<prefix>:s:<topic>`, entries `e` = event name, `d` =
+//! data), appended by `PATCH /events` on any replica and tailed by every
+//! replica that has subscribers for the topic. An event's id is its stream
+//! entry id, so it is the same on every replica.
+//!
+//! Connections: one multiplexed, auto-reconnecting connection for commands,
+//! and one dedicated connection for the tail's blocking `XREAD` (a blocking
+//! command would stall everything queued behind it on a shared connection).
+
+pub mod clients;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use super::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
+use crate::hub::Hub;
+use crate::id::Position;
+use crate::lifecycle::Lifecycle;
+
+/// How long a followed topic with no subscribers is still tailed, so a
+/// client that reconnects finds its history in memory.
+const LINGER: Duration = Duration::from_secs(30);
+/// How long one blocking read waits before it is issued again.
+const BLOCK: Duration = Duration::from_secs(2);
+/// Entries per read, for the tail and for catch-up pages.
+const PAGE: usize = 500;
+/// Reconnect backoff bounds.
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    /// Prefix of every key and channel.
+    pub prefix: String,
+    /// Approximate length cap of each topic's stream (`XADD MAXLEN ~`).
+    pub stream_maxlen: usize,
+    /// Bound on each command (PATCH answers 503 past it).
+    pub timeout: Duration,
+    /// Most history readers running at once, across all streams.
+    pub max_catch_up: usize,
+    /// This replica's name in the cluster-wide client registry.
+    pub replica_id: String,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    pub reconnects: AtomicU64,
+    pub rtt_micros: AtomicU64,
+    /// Age of the newest entry at the moment the tail read it, in ms.
+    pub read_lag_ms: AtomicU64,
+    pub catch_ups_running: AtomicI64,
+}
+
+pub struct RedisBus {
+    opts: RedisOptions,
+    client: redis::Client,
+    conn: ConnectionManager,
+    hub: Weak<Hub>,
+    /// Followed topics and the position the tail has read up to.
+    tail: Mutex<HashMap<Arc<str>, Position>>,
+    tail_changed: Notify,
+    catch_ups: Arc<Semaphore>,
+    up: AtomicBool,
+    stats: Arc<RedisStats>,
+    tracker: tokio_util::task::TaskTracker,
+    /// Lets `&self` methods hand an owned handle to the tasks they spawn.
+    me: Weak<RedisBus>,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("prefix", &self.opts.prefix)
+            .finish()
+    }
+}
+
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable {
+        backend: "redis",
+        reason: e.to_string(),
+    }
+}
+
+/// Parses a stream entry id (`ms-seq`).
+fn entry_pos(id: &str) -> Option<Position> {
+    id.parse().ok()
+}
+
+fn field(entry: &StreamId, name: &str) -> Option<String> {
+    entry
+        .map
+        .get(name)
+        .and_then(|v| redis::from_redis_value_ref(v).ok())
+}
+
+fn stored(entry: &StreamId) -> Option<StoredEvent> {
+    Some(StoredEvent {
+        pos: entry_pos(&entry.id)?,
+        event: field(entry, "e"),
+        data: field(entry, "d").unwrap_or_default(),
+    })
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RedisBus {
+    /// Creates the bus for `hub` (connections are made lazily and retried,
+    /// so the gateway starts, not ready, while Redis is down).
+    pub fn new(
+        opts: RedisOptions,
+        hub: &Arc<Hub>,
+        tracker: tokio_util::task::TaskTracker,
+    ) -> Result<Arc<RedisBus>, BusError> {
+        let client = redis::Client::open(opts.url.as_str()).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(opts.timeout))
+            .set_connection_timeout(Some(opts.timeout))
+            .set_max_delay(BACKOFF_MAX);
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        Ok(Arc::new_cyclic(|me| RedisBus {
+            me: me.clone(),
+            catch_ups: Arc::new(Semaphore::new(opts.max_catch_up.max(1))),
+            opts,
+            client,
+            conn,
+            hub: Arc::downgrade(hub),
+            tail: Mutex::new(HashMap::new()),
+            tail_changed: Notify::new(),
+            up: AtomicBool::new(false),
+            stats: Arc::default(),
+            tracker,
+        }))
+    }
+
+    pub fn stats(&self) -> &Arc<RedisStats> {
+        &self.stats
+    }
+
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
+    }
+
+    /// A clone of the command connection (cheap: it is shared).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    fn key(&self, topic: &str) -> String {
+        format!("{}:s:{topic}", self.opts.prefix)
+    }
+
+    fn topic_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.opts.prefix)?.strip_prefix(":s:")
+    }
+
+    /// Starts the tail and the health check; both end when `life` stops.
+    pub fn spawn(self: &Arc<Self>, life: &Lifecycle) {
+        life.tracker().spawn(self.clone().tail_loop(life.clone()));
+        life.tracker().spawn(self.clone().health_loop(life.clone()));
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.opts.timeout, cmd.query_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(format!(
+                "no answer within {:?}",
+                self.opts.timeout
+            ))),
+        }
+    }
+
+    /// `XINFO STREAM` fields we use: the newest id ever generated and the
+    /// newest id ever deleted (trimmed). A missing stream reads as `0-0`s.
+    async fn stream_info(&self, topic: &str) -> Result<(Position, Position), BusError> {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("STREAM").arg(self.key(topic));
+        let info: HashMap<String, Value> = match self.run(&cmd).await {
+            Ok(v) => v,
+            Err(BusError::Unavailable { reason, .. }) if reason.contains("no such key") => {
+                return Ok((Position::default(), Position::default()));
+            }
+            Err(e) => return Err(e),
+        };
+        let pos = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .and_then(|s| entry_pos(&s))
+                .unwrap_or_default()
+        };
+        Ok((pos("last-generated-id"), pos("max-deleted-entry-id")))
+    }
+
+    async fn health_loop(self: Arc<Self>, life: Lifecycle) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {},
+                _ = life.stopped() => return,
+            }
+            let start = std::time::Instant::now();
+            let ok = self.run::<String>(&redis::cmd("PING")).await.is_ok();
+            self.stats
+                .rtt_micros
+                .store(start.elapsed().as_micros() as u64, Relaxed);
+            if self.up.swap(ok, Relaxed) != ok {
+                if ok {
+                    tracing::info!("redis is reachable");
+                } else {
+                    tracing::warn!("redis is unreachable");
+                }
+            }
+        }
+    }
+
+    /// Reads every followed topic's stream with blocking `XREAD`s and hands
+    /// the entries to the hub, in order. Reconnects with backoff; resumes
+    /// from the last position read, so an outage loses nothing Redis kept.
+    async fn tail_loop(self: Arc<Self>, life: Lifecycle) {
+        let mut backoff = BACKOFF_MIN;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.opts.timeout))
+            .set_response_timeout(None);
+        loop {
+            let connect = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config);
+            let conn = tokio::select! {
+                c = connect => c,
+                _ = life.stopped() => return,
+            };
+            let err = match conn {
+                Ok(conn) => {
+                    backoff = BACKOFF_MIN;
+                    match self.tail_on(conn, &life).await {
+                        Ok(()) => return,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            self.up.store(false, Relaxed);
+            self.stats.reconnects.fetch_add(1, Relaxed);
+            tracing::warn!(error = %err, retry_in = ?backoff, "redis tail lost its connection");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {},
+                _ = life.stopped() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The tail on one connection; `Ok` when the gateway stops.
+    async fn tail_on(
+        &self,
+        mut conn: MultiplexedConnection,
+        life: &Lifecycle,
+    ) -> redis::RedisResult<()> {
+        let my_id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await?;
+        let mut last_sweep = tokio::time::Instant::now();
+        loop {
+            if last_sweep.elapsed() >= Duration::from_secs(5) {
+                self.forget_idle_topics();
+                last_sweep = tokio::time::Instant::now();
+            }
+            let followed: Vec<(Arc<str>, Position)> = {
+                let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+                tail.iter().map(|(t, p)| (t.clone(), *p)).collect()
+            };
+            if followed.is_empty() {
+                tokio::select! {
+                    _ = self.tail_changed.notified() => continue,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    _ = life.stopped() => return Ok(()),
+                }
+            }
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(PAGE)
+                .arg("BLOCK")
+                .arg(BLOCK.as_millis() as u64)
+                .arg("STREAMS");
+            for (topic, _) in &followed {
+                cmd.arg(self.key(topic));
+            }
+            for (_, pos) in &followed {
+                cmd.arg(pos.to_string());
+            }
+            let mut read_conn = conn.clone();
+            let read = cmd.query_async::<Option<StreamReadReply>>(&mut read_conn);
+            tokio::pin!(read);
+            let reply = loop {
+                tokio::select! {
+                    r = &mut read => break r?,
+                    // A topic was added: end the blocking read early so the
+                    // next one includes it.
+                    _ = self.tail_changed.notified() => {
+                        let mut unblock = redis::cmd("CLIENT");
+                        unblock.arg("UNBLOCK").arg(my_id);
+                        let _ = self.run::<i64>(&unblock).await;
+                    }
+                    _ = life.stopped() => return Ok(()),
+                }
+            };
+            self.up.store(true, Relaxed);
+            if let Some(reply) = reply {
+                self.deliver(reply);
+            }
+        }
+    }
+
+    fn deliver(&self, reply: StreamReadReply) {
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
+        for key in reply.keys {
+            let Some(topic) = self.topic_of(&key.key) else {
+                continue;
+            };
+            let mut newest = None;
+            for entry in &key.ids {
+                let Some(ev) = stored(entry) else {
+                    tracing::warn!(topic, id = %entry.id, "skipping a stream entry with a malformed id");
+                    continue;
+                };
+                hub.publish_at(topic, ev.pos, ev.event.as_deref(), &ev.data);
+                newest = Some(ev.pos);
+            }
+            if let Some(pos) = newest {
+                self.stats
+                    .read_lag_ms
+                    .store(now_ms().saturating_sub(pos.hi), Relaxed);
+                let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(p) = tail.get_mut(topic) {
+                    *p = (*p).max(pos);
+                }
+            }
+        }
+    }
+
+    fn forget_idle_topics(&self) {
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        tail.retain(|topic, _| !hub.forget_if_idle(topic, LINGER));
+    }
+}
+
+impl Bus for RedisBus {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for ev in events {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(self.key(&ev.topic))
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(self.opts.stream_maxlen)
+                    .arg("*");
+                if let Some(name) = &ev.event {
+                    cmd.arg("e").arg(name);
+                }
+                cmd.arg("d").arg(&ev.data);
+            }
+            let mut conn = self.conn.clone();
+            let ids: Vec<String> =
+                match tokio::time::timeout(self.opts.timeout, pipe.query_async(&mut conn)).await {
+                    Ok(r) => r.map_err(unavailable)?,
+                    Err(_) => {
+                        return Err(unavailable(format!(
+                            "no answer within {:?}",
+                            self.opts.timeout
+                        )));
+                    }
+                };
+            Ok(events
+                .iter()
+                .zip(ids)
+                .map(|(ev, id)| format!("{}:{id}", ev.topic))
+                .collect())
+        })
+    }
+
+    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            if self
+                .tail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(topic)
+            {
+                return Ok(());
+            }
+            let (last, _) = self.stream_info(topic).await?;
+            let hub = self
+                .hub
+                .upgrade()
+                .ok_or_else(|| unavailable("the hub is gone"))?;
+            {
+                let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+                if tail.contains_key(topic) {
+                    return Ok(());
+                }
+                // The topic exists in the hub before the tail can read it,
+                // so nothing the tail reads is dropped.
+                let head = hub.ensure_topic_at(topic, last).map_err(unavailable)?;
+                tail.insert(topic.into(), head);
+            }
+            self.tail_changed.notify_one();
+            Ok(())
+        })
+    }
+
+    fn catch_up(&self, topic: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp> {
+        let (tx, rx) = mpsc::channel(2);
+        let key = self.key(topic);
+        let topic = topic.to_owned();
+        let Some(bus) = self.me.upgrade() else {
+            return rx;
+        };
+        self.tracker.spawn(async move {
+            let _permit = tokio::select! {
+                p = bus.catch_ups.clone().acquire_owned() => p,
+                _ = tx.closed() => return,
+            };
+            bus.stats.catch_ups_running.fetch_add(1, Relaxed);
+            let item = bus.read_history(&key, &topic, after, until, &tx).await;
+            bus.stats.catch_ups_running.fetch_sub(1, Relaxed);
+            if let Some(item) = item {
+                let _ = tx.send(item).await;
+            }
+        });
+        rx
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+}
+
+impl RedisBus {
+    /// Sends pages of `(after, until]`; returns a final message, if any.
+    async fn read_history(
+        &self,
+        key: &str,
+        topic: &str,
+        after: Position,
+        until: Position,
+        tx: &mpsc::Sender<CatchUp>,
+    ) -> Option<CatchUp> {
+        let (_, deleted) = match self.stream_info(topic).await {
+            Ok(info) => info,
+            Err(e) => return Some(CatchUp::Failed(e.to_string())),
+        };
+        if deleted > after {
+            return Some(CatchUp::Gap);
+        }
+        let mut cur = after;
+        while cur < until {
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(key)
+                .arg(format!("({cur}"))
+                .arg(until.to_string())
+                .arg("COUNT")
+                .arg(PAGE);
+            let page: StreamRangeReply = match self.run(&cmd).await {
+                Ok(p) => p,
+                Err(e) => return Some(CatchUp::Failed(e.to_string())),
+            };
+            let events: Vec<StoredEvent> = page.ids.iter().filter_map(stored).collect();
+            let Some(last) = events.last() else { break };
+            cur = last.pos;
+            if tx.send(CatchUp::Events(events)).await.is_err() {
+                return None; // the client left
+            }
+        }
+        None
+    }
+}
