@@ -2,12 +2,18 @@
 //! variable `STREAMLINE_*`; `streamline --help` and README's table list the
 //! same set (a test keeps them in step).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::auth::{Credentials, JwtOptions, KeyError, Secret, Verifier};
 
 use crate::hub::{HubConfig, SlowClientPolicy};
+use crate::stream::cors::Cors;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -19,6 +25,14 @@ pub enum LogFormat {
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+/// A network in CIDR notation, or a single address.
+fn network(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or a CIDR network (10.0.0.0/8)"))
 }
 
 /// Streamline: a gateway that pushes events to browsers and services over
@@ -61,6 +75,12 @@ pub struct Config {
     /// Most topics one stream may subscribe to.
     #[arg(long, env = "STREAMLINE_MAX_STREAM_TOPICS", default_value_t = 16)]
     pub max_stream_topics: usize,
+
+    /// Origin (`scheme://host[:port]`) whose pages may open streams from
+    /// the browser cross-origin, with credentials (CORS); repeatable, or
+    /// comma-separated. Unset: no cross-origin streams.
+    #[arg(long, env = "STREAMLINE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
 
     /// Largest accepted request body on the control plane, in bytes.
     #[arg(long, env = "STREAMLINE_MAX_BODY", default_value_t = 1024 * 1024)]
@@ -107,7 +127,8 @@ pub struct Config {
     pub drain_window: Duration,
 
     /// Hard limit from SIGTERM to exit; match Kubernetes'
-    /// terminationGracePeriodSeconds. Must exceed shutdown delay + drain window.
+    /// terminationGracePeriodSeconds. At least shutdown delay + drain window + write
+    /// timeout + 1s.
     #[arg(long, env = "STREAMLINE_GRACE_PERIOD", default_value = "30s", value_parser = duration)]
     pub grace_period: Duration,
 
@@ -141,9 +162,127 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_REDIS_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub redis_timeout: Duration,
 
+    /// Kafka bootstrap servers (`host:port,…`). Enables Kafka as the bus:
+    /// streams carry the records of --kafka-topics, and PATCH /events
+    /// produces to them. With --redis-url too, Redis keeps only the
+    /// cluster-wide client registry.
+    #[arg(long, env = "STREAMLINE_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Kafka topics to stream, comma-separated; each is the SSE topic of the
+    /// same name, or `kafka_topic=sse_topic`. Required with --kafka-brokers.
+    #[arg(long, env = "STREAMLINE_KAFKA_TOPICS", value_delimiter = ',')]
+    pub kafka_topics: Vec<String>,
+
+    /// An extra librdkafka setting, `key=value` (SASL, TLS, …); repeatable,
+    /// or `;`-separated.
+    #[arg(long, env = "STREAMLINE_KAFKA_CONFIG", value_delimiter = ';')]
+    pub kafka_config: Vec<String>,
+
+    /// The Kafka record header that carries the SSE event name (a record
+    /// without it is a `message` event); PATCH /events writes it.
+    #[arg(long, env = "STREAMLINE_KAFKA_EVENT_HEADER", default_value = "event")]
+    pub kafka_event_header: String,
+
+    /// Bound on each Kafka request a client waits on; PATCH /events answers
+    /// 503 when Kafka has not acknowledged within it.
+    #[arg(long, env = "STREAMLINE_KAFKA_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub kafka_timeout: Duration,
+
     /// Most history readers (resume beyond memory) running at once.
     #[arg(long, env = "STREAMLINE_MAX_CATCH_UP", default_value_t = 64)]
     pub max_catch_up: usize,
+
+    /// HS256 secret (at least 32 bytes) that signs subscribers' and
+    /// publishers' JWTs. Enables authentication on the stream plane.
+    #[arg(long, env = "STREAMLINE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file with the RSA (RS256) or EC P-256 (ES256) public key that
+    /// verifies JWTs. Enables authentication on the stream plane.
+    #[arg(long, env = "STREAMLINE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// The `iss` claim every JWT must carry.
+    #[arg(long, env = "STREAMLINE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` claim every JWT must carry.
+    #[arg(long, env = "STREAMLINE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew allowed when checking a JWT's `exp` and `nbf`.
+    #[arg(long, env = "STREAMLINE_JWT_LEEWAY", default_value = "30s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+
+    /// The JWT claim listing the topics a subscriber may read (names or
+    /// `prefix*` patterns).
+    #[arg(long, env = "STREAMLINE_JWT_TOPICS_CLAIM", default_value = "topics")]
+    pub jwt_topics_claim: String,
+
+    /// The JWT claim listing the topics a publisher may publish to.
+    #[arg(long, env = "STREAMLINE_JWT_PUBLISH_CLAIM", default_value = "publish")]
+    pub jwt_publish_claim: String,
+
+    /// A cookie that may carry the subscriber's JWT (for browsers).
+    #[arg(long, env = "STREAMLINE_JWT_COOKIE")]
+    pub jwt_cookie: Option<String>,
+
+    /// Let streams outlive their JWT. Otherwise a stream ends with
+    /// `streamline.close` (reason `token_expired`) once its token expires.
+    #[arg(long, env = "STREAMLINE_JWT_ALLOW_EXPIRY_DURING_STREAM")]
+    pub jwt_allow_expiry_during_stream: bool,
+
+    /// Bearer token required on the control plane (every route but `/`,
+    /// /health, /ready and /metrics).
+    #[arg(long, env = "STREAMLINE_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<Secret>,
+
+    /// File holding the control token (e.g. a mounted Kubernetes Secret),
+    /// read at start-up.
+    #[arg(long, env = "STREAMLINE_CONTROL_TOKEN_FILE")]
+    pub control_token_file: Option<PathBuf>,
+
+    /// Bearer token required on /metrics (the control token works too).
+    #[arg(long, env = "STREAMLINE_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+
+    /// Most stream-plane connections open at once; more get 503.
+    #[arg(long, env = "STREAMLINE_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub max_connections: usize,
+
+    /// Most streams open at once from one client address (IPv6: one /64);
+    /// more get 429. 0: no limit.
+    #[arg(long, env = "STREAMLINE_MAX_STREAMS_PER_IP", default_value_t = 256)]
+    pub max_streams_per_ip: usize,
+
+    /// New stream-plane connections per second from one client address,
+    /// in bursts of up to as many; more get 429. 0: no limit.
+    #[arg(long, env = "STREAMLINE_MAX_CONN_RATE_PER_IP", default_value_t = 20)]
+    pub max_conn_rate_per_ip: u32,
+
+    /// Longest topic name accepted, at most 128.
+    #[arg(long, env = "STREAMLINE_MAX_TOPIC_LEN", default_value_t = crate::topic::MAX_TOPIC_LEN)]
+    pub max_topic_len: usize,
+
+    /// Largest stream-plane request head (request line and headers), in
+    /// bytes, at least 8192; also caps an HTTP/1.1 connection's write buffer.
+    #[arg(long, env = "STREAMLINE_MAX_HEADER_SIZE", default_value_t = 64 * 1024)]
+    pub max_header_size: usize,
+
+    /// Most concurrent streams on one HTTP/2 connection.
+    #[arg(long, env = "STREAMLINE_H2_MAX_STREAMS", default_value_t = 100)]
+    pub h2_max_streams: u32,
+
+    /// `PATCH /events` requests per second per publisher (JWT subject, else
+    /// client address), in bursts of up to as many; more get 429. 0: no limit.
+    #[arg(long, env = "STREAMLINE_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Proxies (addresses or CIDR networks) whose X-Forwarded-For names the
+    /// client; repeatable, or comma-separated.
+    #[arg(long, env = "STREAMLINE_TRUSTED_PROXY", value_delimiter = ',', value_parser = network)]
+    pub trusted_proxy: Vec<IpNet>,
 
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(
@@ -158,11 +297,43 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "--grace-period ({grace:?}) must exceed --shutdown-delay + --drain-window + 1s ({needed:?})"
+        "--grace-period ({grace:?}) must be at least --shutdown-delay + --drain-window + --write-timeout + 1s ({needed:?})"
     )]
     GraceTooShort { grace: Duration, needed: Duration },
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
+    #[error(transparent)]
+    Origin(#[from] crate::stream::cors::InvalidOrigin),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot read {flag} {path:?}: {source}")]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--{0} is empty")]
+    Empty(&'static str),
+    #[error("give --{0} or --{1}, not both")]
+    Conflict(&'static str, &'static str),
+    #[error("--{0} needs --jwt-secret or --jwt-public-key")]
+    JwtWithoutKey(&'static str),
+    #[error("--{flag} must be between {min} and {max}")]
+    Range {
+        flag: &'static str,
+        min: usize,
+        max: usize,
+    },
+    #[error("--{0}: {1}")]
+    Kafka(&'static str, String),
+}
+
+fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Config {
@@ -173,7 +344,8 @@ impl Config {
 
     /// Checks relations between values that clap cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let needed = self.shutdown_delay + self.drain_window + Duration::from_secs(1);
+        let needed =
+            self.shutdown_delay + self.drain_window + self.write_timeout + Duration::from_secs(1);
         if self.grace_period < needed {
             return Err(ConfigError::GraceTooShort {
                 grace: self.grace_period,
@@ -195,7 +367,148 @@ impl Config {
         if self.heartbeat.is_zero() {
             return Err(ConfigError::Zero("heartbeat"));
         }
+        self.cors()?;
+        for (flag, v, min, max) in [
+            ("max-connections", self.max_connections, 1, usize::MAX),
+            (
+                "max-topic-len",
+                self.max_topic_len,
+                1,
+                crate::topic::MAX_TOPIC_LEN,
+            ),
+            // hyper's smallest read buffer; h2 takes a u32.
+            (
+                "max-header-size",
+                self.max_header_size,
+                8192,
+                u32::MAX as usize,
+            ),
+            (
+                "h2-max-streams",
+                self.h2_max_streams as usize,
+                1,
+                usize::MAX,
+            ),
+        ] {
+            if !(min..=max).contains(&v) {
+                return Err(ConfigError::Range { flag, min, max });
+            }
+        }
+        self.credentials()?;
+        self.kafka("")?;
         Ok(())
+    }
+
+    /// The Kafka bus's options, with `--kafka-brokers`.
+    pub fn kafka(
+        &self,
+        replica_id: &str,
+    ) -> Result<Option<crate::backend::kafka::KafkaOptions>, ConfigError> {
+        use crate::backend::kafka::{KafkaOptions, TopicMap};
+        let Some(brokers) = &self.kafka_brokers else {
+            if !self.kafka_topics.is_empty() {
+                return Err(ConfigError::Kafka(
+                    "kafka-topics",
+                    "needs --kafka-brokers".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let bad = |flag, why: String| ConfigError::Kafka(flag, why);
+        if brokers.trim().is_empty() {
+            return Err(ConfigError::Empty("kafka-brokers"));
+        }
+        let mut topics: Vec<TopicMap> = Vec::new();
+        for entry in &self.kafka_topics {
+            let t = TopicMap::parse(entry).map_err(|e| bad("kafka-topics", e))?;
+            if topics.iter().any(|o| o.kafka == t.kafka || o.sse == t.sse) {
+                return Err(bad(
+                    "kafka-topics",
+                    format!("{entry:?}: each Kafka topic and each SSE topic may appear once"),
+                ));
+            }
+            topics.push(t);
+        }
+        if topics.is_empty() {
+            return Err(bad("kafka-topics", "name at least one topic".into()));
+        }
+        let config = self
+            .kafka_config
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+                _ => Err(bad("kafka-config", format!("{kv:?} is not key=value"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.kafka_event_header.is_empty() {
+            return Err(ConfigError::Empty("kafka-event-header"));
+        }
+        if self.kafka_timeout.is_zero() {
+            return Err(ConfigError::Zero("kafka-timeout"));
+        }
+        Ok(Some(KafkaOptions {
+            brokers: brokers.clone(),
+            topics,
+            config,
+            event_header: self.kafka_event_header.clone(),
+            timeout: self.kafka_timeout,
+            max_catch_up: self.max_catch_up,
+            replica_id: replica_id.to_owned(),
+        }))
+    }
+
+    /// Builds the JWT verifier and reads the tokens (from their files too).
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        let public_key = self
+            .jwt_public_key
+            .as_deref()
+            .map(|p| read_file("--jwt-public-key", p))
+            .transpose()?;
+        let jwt = Verifier::new(&JwtOptions {
+            secret: self.jwt_secret.clone(),
+            public_key,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+            topics_claim: self.jwt_topics_claim.clone(),
+            publish_claim: self.jwt_publish_claim.clone(),
+        })?;
+        if jwt.is_none() {
+            for (flag, set) in [
+                ("jwt-issuer", self.jwt_issuer.is_some()),
+                ("jwt-audience", self.jwt_audience.is_some()),
+                ("jwt-cookie", self.jwt_cookie.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::JwtWithoutKey(flag));
+                }
+            }
+        }
+        let control_token = match (&self.control_token, &self.control_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict("control-token", "control-token-file"));
+            }
+            (Some(token), None) => Some(token.clone()),
+            (None, Some(path)) => {
+                let bytes = read_file("--control-token-file", path)?;
+                // Secrets are usually written with a trailing newline.
+                Some(Secret::new(String::from_utf8_lossy(&bytes).trim()))
+            }
+            (None, None) => None,
+        };
+        for (flag, token) in [
+            ("control-token", &control_token),
+            ("metrics-token", &self.metrics_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+                return Err(ConfigError::Empty(flag));
+            }
+        }
+        Ok(Credentials {
+            jwt: jwt.map(Arc::new),
+            control_token,
+            metrics_token: self.metrics_token.clone(),
+        })
     }
 
     /// `--replica-id`, or the host name and a random suffix.
@@ -209,6 +522,56 @@ impl Config {
         let random =
             std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         format!("{host}-{:06x}", random & 0xff_ffff)
+    }
+
+    /// The stream plane's CORS policy, from `--cors-allow-origin`.
+    pub fn cors(&self) -> Result<Cors, ConfigError> {
+        Ok(Cors::new(&self.cors_allow_origin)?)
+    }
+
+    /// The shutdown sequence's timings.
+    pub fn timings(&self) -> crate::lifecycle::Timings {
+        crate::lifecycle::Timings {
+            shutdown_delay: self.shutdown_delay,
+            drain_window: self.drain_window,
+            write_timeout: self.write_timeout,
+            grace_period: self.grace_period,
+        }
+    }
+
+    /// The stream plane's settings.
+    pub fn stream_options(&self) -> crate::stream::StreamOptions {
+        crate::stream::StreamOptions {
+            header_read_timeout: self.header_read_timeout,
+            write_timeout: self.write_timeout,
+            max_stream_topics: self.max_stream_topics,
+            // Checked by `validate` (`Gateway::bind` calls it first).
+            cors: self.cors().unwrap_or_default(),
+            max_topic_len: self.max_topic_len,
+            max_header_size: self.max_header_size,
+            h2_max_streams: self.h2_max_streams,
+            max_connections: self.max_connections,
+            max_streams_per_ip: self.max_streams_per_ip,
+            max_conn_rate_per_ip: self.max_conn_rate_per_ip,
+            trusted_proxies: crate::client_ip::TrustedProxies::new(self.trusted_proxy.clone()),
+            // Set from `credentials()` by whoever runs the plane.
+            auth: None,
+        }
+    }
+
+    /// The stream plane's authentication, given the verifier built by
+    /// [`credentials`](Self::credentials); `None` without one.
+    pub fn stream_auth(
+        &self,
+        credentials: &Credentials,
+    ) -> Option<Arc<crate::stream::auth::StreamAuth>> {
+        let verifier = credentials.jwt.clone()?;
+        Some(Arc::new(crate::stream::auth::StreamAuth {
+            verifier,
+            cookie: self.jwt_cookie.clone(),
+            end_at_expiry: !self.jwt_allow_expiry_during_stream,
+            leeway: self.jwt_leeway,
+        }))
     }
 
     pub fn hub(&self) -> HubConfig {
@@ -259,9 +622,141 @@ mod tests {
     }
 
     #[test]
+    fn kafka_flags_are_checked() {
+        let c = Config::parse_from([
+            "streamline",
+            "--kafka-brokers",
+            "k:9092",
+            "--kafka-topics",
+            "a,orders=shop",
+            "--kafka-config",
+            "security.protocol=SASL_SSL;sasl.mechanism=PLAIN",
+            "--kafka-config",
+            "sasl.username=u",
+        ]);
+        let k = c.kafka("r1").unwrap().unwrap();
+        let maps: Vec<(&str, &str)> = k.topics.iter().map(|t| (&*t.kafka, &*t.sse)).collect();
+        assert_eq!(maps, [("a", "a"), ("orders", "shop")]);
+        assert_eq!(k.config.len(), 3);
+        assert_eq!(k.config[2], ("sasl.username".into(), "u".into()));
+        assert_eq!(k.event_header, "event");
+        assert_eq!(k.timeout, Duration::from_secs(5));
+        assert!(Config::defaults().kafka("r").unwrap().is_none());
+        for bad in [
+            &["--kafka-topics", "a"][..],
+            &["--kafka-brokers", "k:1"],
+            &["--kafka-brokers", "k:1", "--kafka-topics", "a,a"],
+            &["--kafka-brokers", "k:1", "--kafka-topics", "a=x,b=x"],
+            &["--kafka-brokers", "k:1", "--kafka-topics", "a=b c"],
+            &[
+                "--kafka-brokers",
+                "k:1",
+                "--kafka-topics",
+                "a",
+                "--kafka-config",
+                "x",
+            ],
+        ] {
+            let mut args = vec!["streamline"];
+            args.extend_from_slice(bad);
+            assert!(Config::parse_from(&args).validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn a_repeated_flag_takes_its_last_value() {
         let c = Config::parse_from(["streamline", "--retry", "1s", "--retry", "3s"]);
         assert_eq!(c.retry, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn cors_origins_are_repeated_or_comma_separated() {
+        let c = Config::parse_from([
+            "streamline",
+            "--cors-allow-origin",
+            "https://a.example,http://b.example:8000",
+            "--cors-allow-origin",
+            "https://c.example",
+        ]);
+        assert_eq!(
+            c.cors_allow_origin,
+            [
+                "https://a.example",
+                "http://b.example:8000",
+                "https://c.example"
+            ]
+        );
+        c.validate().unwrap();
+        let c = Config::parse_from(["streamline", "--cors-allow-origin", "https://a.example/app"]);
+        assert!(matches!(c.validate(), Err(ConfigError::Origin(_))));
+    }
+
+    #[test]
+    fn security_flags_are_checked() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let check = |args: &[&str]| {
+            let mut all = vec!["streamline"];
+            all.extend_from_slice(args);
+            Config::parse_from(all).validate()
+        };
+        check(&[
+            "--jwt-secret",
+            secret,
+            "--jwt-cookie",
+            "t",
+            "--jwt-audience",
+            "a",
+        ])
+        .unwrap();
+        assert!(matches!(
+            check(&["--jwt-secret", "short"]),
+            Err(ConfigError::Key(_))
+        ));
+        assert!(matches!(
+            check(&["--jwt-cookie", "t"]),
+            Err(ConfigError::JwtWithoutKey("jwt-cookie"))
+        ));
+        assert!(matches!(
+            check(&["--jwt-public-key", "/nonexistent.pem"]),
+            Err(ConfigError::Read { .. })
+        ));
+        assert!(matches!(
+            check(&["--control-token", "a", "--control-token-file", "/x"]),
+            Err(ConfigError::Conflict(..))
+        ));
+        assert!(matches!(
+            check(&["--control-token", ""]),
+            Err(ConfigError::Empty(_))
+        ));
+        for (flag, bad) in [
+            ("--max-topic-len", "129"),
+            ("--max-topic-len", "0"),
+            ("--max-header-size", "4096"),
+            ("--h2-max-streams", "0"),
+            ("--max-connections", "0"),
+        ] {
+            assert!(
+                matches!(check(&[flag, bad]), Err(ConfigError::Range { .. })),
+                "{flag} {bad}"
+            );
+        }
+        let c = Config::parse_from([
+            "streamline",
+            "--trusted-proxy",
+            "10.0.0.0/8,192.0.2.1",
+            "--trusted-proxy",
+            "2001:db8::/32",
+            "--control-token",
+            "hunter2",
+            "--jwt-secret",
+            secret,
+        ]);
+        assert_eq!(c.trusted_proxy.len(), 3);
+        assert!(Config::try_parse_from(["streamline", "--trusted-proxy", "nope"]).is_err());
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains(secret));
+        let creds = c.credentials().unwrap();
+        assert!(creds.jwt.is_some() && creds.control_token.unwrap().matches("hunter2"));
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub struct ApiError {
     pub detail: String,
     pub retry_after: Option<u64>,
     pub allow: Option<&'static str>,
+    /// Ask an HTTP/1 client to close the connection after this response.
+    pub close: bool,
+    /// A `WWW-Authenticate` challenge (401 responses).
+    pub challenge: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -30,6 +34,8 @@ impl ApiError {
             detail: detail.into(),
             retry_after: None,
             allow: None,
+            close: false,
+            challenge: None,
         }
     }
 
@@ -59,6 +65,40 @@ impl ApiError {
         }
     }
 
+    /// 401: no credentials, or credentials that were refused. `presented`:
+    /// a token was sent (the challenge then says `invalid_token`, RFC 6750).
+    pub fn unauthorized(presented: bool, detail: impl Into<String>) -> Self {
+        ApiError {
+            challenge: Some(if presented {
+                r#"Bearer realm="streamline", error="invalid_token""#
+            } else {
+                r#"Bearer realm="streamline""#
+            }),
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+        }
+    }
+
+    /// 403: the credentials are good but do not cover `topic`.
+    pub fn topic_not_allowed(topic: &str, action: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "topic_not_allowed",
+            format!("the token does not allow {action} topic {topic:?}"),
+        )
+    }
+
+    /// 429: this client is over one of its limits; others are unaffected.
+    pub fn too_many_requests(
+        code: &'static str,
+        detail: impl Into<String>,
+        retry_after: u64,
+    ) -> Self {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, detail)
+        }
+    }
+
     /// The JSON body, for planes that build responses by hand.
     pub fn body(&self) -> Bytes {
         let body = Body {
@@ -83,6 +123,15 @@ impl ApiError {
         if let Some(allow) = self.allow {
             h.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(challenge) = self.challenge {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         res
     }
 }
@@ -103,7 +152,19 @@ impl axum::response::IntoResponse for ApiError {
 
 impl From<crate::backend::BusError> for ApiError {
     fn from(e: crate::backend::BusError) -> Self {
-        ApiError::unavailable("backend_unavailable", e.to_string(), 2)
+        match e {
+            // A stream on a topic the bus has no source for (Kafka).
+            crate::backend::BusError::NoSuchTopic(detail) => {
+                ApiError::bad_request("invalid_topic", detail)
+            }
+            e => ApiError::unavailable("backend_unavailable", e.to_string(), 2),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        ApiError::unauthorized(e.token_presented(), e.to_string())
     }
 }
 
@@ -113,7 +174,7 @@ impl From<crate::hub::HubError> for ApiError {
         match e {
             TooManyClients(_) => ApiError::unavailable("too_many_clients", e.to_string(), 5),
             TooManyTopics(_) => ApiError::unavailable("too_many_topics", e.to_string(), 30),
-            Bus(_) => ApiError::unavailable("backend_unavailable", e.to_string(), 2),
+            Bus(e) => e.into(),
             NotFollowed(_) => ApiError::unavailable("backend_unavailable", e.to_string(), 1),
         }
     }

@@ -2,7 +2,8 @@
 //! client sends back in `Last-Event-ID` (or `?lastEventId=`) to resume.
 //!
 //! A cursor is a comma-separated list of `topic:position` entries, one for each
-//! topic of the stream it came from. A position is `<hi>-<lo>`, two unsigned
+//! topic of the stream it came from (for a Kafka topic with several
+//! partitions, one per partition: the partition is the position's `hi`). A position is `<hi>-<lo>`, two unsigned
 //! decimal integers compared in that order. The in-memory hub uses
 //! (run epoch, hub-wide sequence); the same shape carries a Redis stream entry
 //! id (`<ms>-<seq>`) or a Kafka (partition, offset), so every replica can give
@@ -45,7 +46,7 @@ pub enum CursorError {
     Entry(String),
     #[error("position {0:?} is not of the form hi-lo (two unsigned integers)")]
     Position(String),
-    #[error("topic {0:?} appears twice")]
+    #[error("topic {0:?} appears twice with the same hi")]
     Duplicate(String),
     #[error(transparent)]
     Topic(#[from] TopicError),
@@ -94,7 +95,9 @@ impl Cursor {
                 .ok_or_else(|| CursorError::Entry(entry.to_owned()))?;
             topic::validate(name, topic::MAX_TOPIC_LEN)?;
             let pos: Position = pos.parse()?;
-            if cursor.get(name).is_some() {
+            // One entry per topic, or per (topic, partition): two entries
+            // of one topic must differ in `hi`.
+            if cursor.get_at(name, pos.hi).is_some() {
                 return Err(CursorError::Duplicate(name.to_owned()));
             }
             cursor.entries.push((name.to_owned(), pos));
@@ -110,6 +113,14 @@ impl Cursor {
         self.entries
             .iter()
             .find(|(t, _)| t == topic)
+            .map(|&(_, pos)| pos)
+    }
+
+    /// The entry of `topic` whose `hi` is `hi` (a Kafka partition).
+    pub fn get_at(&self, topic: &str, hi: u64) -> Option<Position> {
+        self.entries
+            .iter()
+            .find(|(t, pos)| t == topic && pos.hi == hi)
             .map(|&(_, pos)| pos)
     }
 
@@ -161,6 +172,7 @@ mod tests {
             "a b:1-2",
             "a:1-2,",
             "a:1-2,a:1-3",
+            "a:0-2,b:1-1,a:0-9",
             "a:18446744073709551616-0",
         ] {
             assert!(Cursor::parse(bad).is_err(), "{bad:?} should be rejected");
@@ -169,6 +181,16 @@ mod tests {
             Cursor::parse(&"a".repeat(MAX_CURSOR_LEN + 1)),
             Err(CursorError::TooLong)
         );
+    }
+
+    #[test]
+    fn a_partitioned_topic_has_one_entry_per_partition() {
+        let c = Cursor::parse("t:0-15,t:1-7,u:3-3").unwrap();
+        assert_eq!(c.get_at("t", 0), Some(Position::new(0, 15)));
+        assert_eq!(c.get_at("t", 1), Some(Position::new(1, 7)));
+        assert_eq!(c.get_at("t", 2), None);
+        assert_eq!(c.get("t"), Some(Position::new(0, 15)), "the first entry");
+        assert_eq!(c.to_string(), "t:0-15,t:1-7,u:3-3");
     }
 
     proptest! {

@@ -12,7 +12,15 @@
 //! - [`sse`] — the wire format: each event encoded once, shared as `Bytes`.
 //! - [`id`] — event ids and resume cursors (`Last-Event-ID`).
 //! - [`topic`] — topic-name rules.
+//! - [`backend`] — buses that make events durable and shared between
+//!   replicas (Redis, or Kafka as source and bus); without one the hub is
+//!   all there is.
 //! - [`lifecycle`] — the shutdown token and the drain sequence.
+//! - [`auth`] — who may subscribe and publish: JWT verification shared by
+//!   both planes, and the configured secrets.
+//! - [`limits`] — per-client bounds (token-bucket rate limits, streams per
+//!   address); [`client_ip`] — the client's address, through trusted
+//!   proxies.
 //! - [`config`], [`error`], [`metrics`], [`demo`] — configuration, the JSON
 //!   error body, Prometheus metrics, the `--demo` publisher.
 //!
@@ -22,7 +30,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backend;
+pub mod client_ip;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -30,6 +40,7 @@ pub mod error;
 pub mod hub;
 pub mod id;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod sse;
 pub mod stream;
@@ -41,10 +52,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use backend::kafka::KafkaBus;
 use backend::redis::{RedisBus, RedisOptions, clients::ClusterClients};
 pub use config::Config;
 use hub::Hub;
-use lifecycle::{Lifecycle, Timings};
+use lifecycle::Lifecycle;
 use tokio_util::task::TaskTracker;
 
 /// A gateway with both listeners bound, ready to [`run`](Gateway::run).
@@ -56,7 +68,9 @@ pub struct Gateway {
     stream: TcpListener,
     tracker: TaskTracker,
     redis: Option<Arc<RedisBus>>,
+    kafka: Option<Arc<KafkaBus>>,
     replica: Arc<str>,
+    credentials: auth::Credentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +92,9 @@ impl Gateway {
     /// free port; see [`control_addr`](Self::control_addr)).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         config.validate()?;
+        // Built once here, so a key file cannot change (or vanish) between
+        // the check and its use.
+        let credentials = config.credentials()?;
         let bind = |plane, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -102,13 +119,22 @@ impl Gateway {
                     max_catch_up: config.max_catch_up,
                     replica_id: replica.to_string(),
                 };
-                let bus = RedisBus::new(opts, &hub, tracker.clone())?;
-                // A fresh hub has no bus yet.
-                let _ = hub.set_bus(bus.clone());
-                Some(bus)
+                Some(RedisBus::new(opts, &hub, tracker.clone())?)
             }
             None => None,
         };
+        let kafka = match config.kafka(&replica)? {
+            Some(opts) => Some(KafkaBus::new(opts, &hub, tracker.clone())?),
+            None => None,
+        };
+        // The bus: Kafka when configured (Redis then keeps only the
+        // cluster-wide client registry), else Redis, else none. A fresh hub
+        // has no bus yet.
+        if let Some(bus) = &kafka {
+            let _ = hub.set_bus(bus.clone());
+        } else if let Some(bus) = &redis {
+            let _ = hub.set_bus(bus.clone());
+        }
         Ok(Gateway {
             hub,
             config,
@@ -116,7 +142,9 @@ impl Gateway {
             stream,
             tracker,
             redis,
+            kafka,
             replica,
+            credentials,
         })
     }
 
@@ -144,18 +172,31 @@ impl Gateway {
             stream,
             tracker,
             redis,
+            kafka,
             replica,
+            credentials,
         } = self;
         let life = Lifecycle::with_tracker(shutdown, tracker.clone());
         tracing::info!(
             control_addr = %control.local_addr().map_or(c.control_addr, |a| a),
             stream_addr = %stream.local_addr().map_or(c.stream_addr, |a| a),
             replica = %replica,
-            backend = redis.as_ref().map_or("memory", |_| "redis"),
+            backend = hub.bus().map_or("memory", |bus| bus.name()),
             "streamline listening"
         );
+        auth::log_posture(
+            credentials.jwt.is_some(),
+            credentials.control_token.is_some(),
+            stream.local_addr().unwrap_or(c.stream_addr),
+            control.local_addr().unwrap_or(c.control_addr),
+        );
         let mut metrics = metrics::Metrics::new(hub.clone());
+        if let Some(bus) = &kafka {
+            bus.spawn(&life);
+            metrics.register_kafka(bus.stats().clone());
+        }
         let cluster = redis.as_ref().map(|bus| {
+            // With Kafka as the bus, Redis's tail follows nothing.
             bus.spawn(&life);
             metrics.register_redis(bus.stats().clone());
             let cluster = ClusterClients::new(bus, &hub);
@@ -163,12 +204,14 @@ impl Gateway {
             cluster
         });
 
-        let options = stream::StreamOptions {
-            header_read_timeout: c.header_read_timeout,
-            write_timeout: c.write_timeout,
-            max_stream_topics: c.max_stream_topics,
-        };
-        tracker.spawn(stream::serve(stream, hub.clone(), options, life.clone()));
+        let mut stream_options = c.stream_options();
+        stream_options.auth = c.stream_auth(&credentials);
+        tracker.spawn(stream::serve(
+            stream,
+            hub.clone(),
+            stream_options,
+            life.clone(),
+        ));
 
         let state = control::ControlState {
             hub: hub.clone(),
@@ -176,6 +219,11 @@ impl Gateway {
             metrics: Arc::new(metrics),
             cluster,
             replica,
+            access: Arc::new(control::auth::Access::new(
+                &credentials,
+                client_ip::TrustedProxies::new(c.trusted_proxy.clone()),
+                c.publish_rate,
+            )),
         };
         let router = control::router(state, c.max_body);
         let control_life = life.clone();
@@ -185,20 +233,13 @@ impl Gateway {
             }
         });
 
-        tracker.spawn(heartbeats(hub.clone(), c.heartbeat, life.clone()));
-        tracker.spawn(sweeps(hub.clone(), life.clone()));
+        tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
         if c.demo {
             tracker.spawn(demo::run(hub.clone(), life.clone()));
         }
 
         life.shutdown_requested().await;
-        let timings = Timings {
-            shutdown_delay: c.shutdown_delay,
-            drain_window: c.drain_window,
-            write_timeout: c.write_timeout,
-            grace_period: c.grace_period,
-        };
-        lifecycle::shut_down(&life, &hub, timings).await;
+        lifecycle::shut_down(&life, &hub, c.timings()).await;
     }
 }
 
@@ -206,25 +247,4 @@ impl Gateway {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     Gateway::bind(config).await?.run(shutdown).await;
     Ok(())
-}
-
-async fn heartbeats(hub: Arc<Hub>, every: std::time::Duration, life: Lifecycle) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => hub.heartbeat(),
-            _ = life.stopped() => return,
-        }
-    }
-}
-
-async fn sweeps(hub: Arc<Hub>, life: Lifecycle) {
-    let every = std::time::Duration::from_secs(5);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => hub.sweep(),
-            _ = life.stopped() => return,
-        }
-    }
 }

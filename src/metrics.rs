@@ -8,11 +8,13 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::backend::kafka::KafkaStats;
 use crate::backend::redis::RedisStats;
 use crate::hub::Hub;
 
@@ -31,12 +33,9 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     pub fn new(hub: Arc<Hub>) -> Metrics {
         let mut registry = Registry::with_prefix("streamline");
-        let patch_latency = Histogram::new(
-            [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]
-            .into_iter(),
-        );
+        let patch_latency = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
         registry.register(
             "patch_latency_seconds",
             "Time to accept a PATCH /events request",
@@ -47,6 +46,12 @@ impl Metrics {
             registry,
             patch_latency,
         }
+    }
+
+    /// Adds the Kafka bus's figures.
+    pub fn register_kafka(&mut self, stats: Arc<KafkaStats>) {
+        self.registry
+            .register_collector(Box::new(KafkaCollector(stats)));
     }
 
     /// Adds the Redis bus's figures.
@@ -134,6 +139,13 @@ impl Collector for HubCollector {
             "Times a stream skipped ahead for falling behind",
             skipped,
         )?;
+        let running = hub.bus().map_or(0, |bus| bus.catch_ups_running());
+        gauge(
+            &mut e,
+            "catch_ups_running",
+            "History readers (resume beyond memory) running now",
+            running,
+        )?;
         Ok(())
     }
 }
@@ -167,12 +179,53 @@ impl Collector for RedisCollector {
             "Times the Redis tail reconnected",
             reconnects,
         )?;
-        let running = s.catch_ups_running.load(Relaxed);
-        gauge(
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct KafkaCollector(Arc<KafkaStats>);
+
+impl Collector for KafkaCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let mut family = e.encode_descriptor(
+            "kafka_records_consumed",
+            "Kafka records handed to the hub, by Kafka topic",
+            None,
+            MetricType::Counter,
+        )?;
+        for (topic, c) in s.topics() {
+            let labels = [("topic", topic.as_str())];
+            ConstCounter::new(c.consumed.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "kafka_records_skipped",
+            "Kafka records not delivered because their value is not UTF-8, by Kafka topic",
+            None,
+            MetricType::Counter,
+        )?;
+        for (topic, c) in s.topics() {
+            let labels = [("topic", topic.as_str())];
+            ConstCounter::new(c.skipped.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "kafka_consumer_lag",
+            "Records in a partition not consumed yet (high watermark - position), by Kafka topic and partition",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((topic, partition), lag) in s.lag() {
+            let partition = partition.to_string();
+            let labels = [("topic", topic.as_str()), ("partition", partition.as_str())];
+            ConstGauge::new(lag).encode(family.encode_family(&labels)?)?;
+        }
+        let errors = s.produce_errors.load(Relaxed);
+        counter(
             &mut e,
-            "catch_ups_running",
-            "History readers running now",
-            running,
+            "kafka_produce_errors",
+            "Events PATCH /events could not get acknowledged by Kafka",
+            errors,
         )?;
         Ok(())
     }

@@ -147,6 +147,8 @@ pub enum CloseReason {
     /// History needed to resume could not be read from the backend;
     /// reconnect with the same `Last-Event-ID` to try again.
     Unavailable,
+    /// The subscriber's token expired; reconnect with a fresh one.
+    TokenExpired,
 }
 
 #[derive(Serialize)]
@@ -318,6 +320,63 @@ pub(crate) mod tests {
             prop_assert_eq!(&parsed[0].data, &expected);
             prop_assert_eq!(&parsed[0].id, &id);
             prop_assert_eq!(parsed[0].event.as_str(), event.as_deref().unwrap_or("message"));
+        }
+
+        #[test]
+        fn notices_are_one_event_each_whatever_their_fields(
+            topic in "[A-Za-z0-9._-]{1,20}",
+            id in "[A-Za-z0-9._-]{1,10}:[0-9]{1,20}-[0-9]{1,20}",
+            gap in prop::sample::select(vec![GapReason::Expired, GapReason::Unknown, GapReason::Slow]),
+            close in prop::sample::select(vec![
+                CloseReason::Shutdown,
+                CloseReason::Slow,
+                CloseReason::Kicked,
+                CloseReason::Unavailable,
+                CloseReason::TokenExpired,
+            ]),
+            retry_ms in 0u64..1_000_000,
+        ) {
+            let gap_bytes = gap_notice(&id, &topic, gap);
+            let (ev, _) = parse_stream(std::str::from_utf8(&gap_bytes).unwrap());
+            prop_assert_eq!(ev.len(), 1);
+            prop_assert_eq!(&ev[0].id, &id);
+            prop_assert_eq!(ev[0].event.as_str(), GAP_EVENT);
+            let body: serde_json::Value = serde_json::from_str(&ev[0].data).unwrap();
+            prop_assert_eq!(&body["topic"], topic.as_str());
+            prop_assert_eq!(body["reason"].clone(), serde_json::to_value(gap).unwrap());
+
+            let close_bytes = close_notice(close, Duration::from_millis(retry_ms));
+            let (ev, retry) = parse_stream(std::str::from_utf8(&close_bytes).unwrap());
+            prop_assert_eq!(ev.len(), 1);
+            prop_assert_eq!(ev[0].id.as_str(), "", "a close notice carries no id");
+            prop_assert_eq!(ev[0].event.as_str(), CLOSE_EVENT);
+            prop_assert_eq!(retry, Some(retry_ms));
+            let body: serde_json::Value = serde_json::from_str(&ev[0].data).unwrap();
+            prop_assert_eq!(body, serde_json::json!({"reason": close}));
+        }
+
+        #[test]
+        fn a_whole_stream_parses_to_exactly_its_events(
+            events in proptest::collection::vec(
+                ("\\PC{0,30}|[a-z\r\n]{0,10}", proptest::option::of("[a-z.]{1,8}")),
+                0..8,
+            ),
+        ) {
+            // Preamble, events with heartbeats between them, a close notice.
+            let mut wire = preamble(Duration::from_secs(2), "c-1").to_vec();
+            for (i, (data, event)) in events.iter().enumerate() {
+                wire.extend_from_slice(encode_event(&format!("t:1-{i}"), event.as_deref(), data).bytes());
+                wire.extend_from_slice(&HEARTBEAT);
+            }
+            wire.extend_from_slice(&close_notice(CloseReason::Shutdown, Duration::from_secs(1)));
+            let (parsed, _) = parse_stream(std::str::from_utf8(&wire).unwrap());
+            prop_assert_eq!(parsed.len(), events.len() + 1);
+            for (i, ((data, event), got)) in events.iter().zip(&parsed).enumerate() {
+                prop_assert_eq!(&got.id, &format!("t:1-{i}"));
+                prop_assert_eq!(got.event.as_str(), event.as_deref().unwrap_or("message"));
+                prop_assert_eq!(&got.data, &data.replace("\r\n", "\n").replace('\r', "\n"));
+            }
+            prop_assert_eq!(parsed.last().unwrap().event.as_str(), CLOSE_EVENT);
         }
 
         #[test]

@@ -6,7 +6,8 @@
 //!   them; they reach this replica's clients the same way as every other
 //!   replica's, through the bus, so all replicas give an event the same id;
 //! - a topic's ring starts at the newest position the bus has when the topic
-//!   is first followed, and positions (ids) come from the bus;
+//!   is first followed, and positions (ids) come from the bus (Kafka: one
+//!   ring per partition, see [`kafka`]);
 //! - a resume point older than the ring is read back from the bus
 //!   ([`Bus::catch_up`]) and handed over to the ring with no gap or duplicate.
 //!
@@ -14,11 +15,13 @@
 //! hub only through `Hub::publish_at` (from its own tasks) and bounded
 //! channels.
 
+pub mod kafka;
 pub mod redis;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use crate::hub::HubError;
 use crate::id::Position;
 
 /// An event to publish (checked: valid topic, event name without CR/LF).
@@ -56,6 +59,10 @@ pub enum BusError {
         backend: &'static str,
         reason: String,
     },
+    /// The bus has no source for a topic (Kafka: no Kafka topic is mapped
+    /// to it); the detail names it. A client error, not an outage.
+    #[error("{0}")]
+    NoSuchTopic(String),
 }
 
 /// An event source and bus shared by several replicas (Redis, Kafka).
@@ -73,12 +80,21 @@ pub trait Bus: Send + Sync + 'static {
     /// hub's topic at the newest position the bus has for it
     /// (`Hub::ensure_topic_at`), then delivers every later event with
     /// `Hub::publish_at`, in order.
-    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+    /// Fails with the hub's own error when the hub refuses the topic
+    /// (`--max-topics`).
+    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), HubError>>;
 
-    /// Reads `topic` after `after` up to and including `until`, on a reader
-    /// owned by one stream: it ends when done or when the receiver is dropped.
-    fn catch_up(&self, topic: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp>;
+    /// Reads the ring keyed `ring` (a topic's name, or a partition's key,
+    /// see `Hub::ensure_partition_at`) after `after` up to and including
+    /// `until`, on a reader owned by one stream: it ends when done or when
+    /// the receiver is dropped.
+    fn catch_up(&self, ring: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp>;
 
     /// Whether the bus answers now.
     fn is_up(&self) -> bool;
+
+    /// History readers ([`Bus::catch_up`]) running now, for `/metrics`.
+    fn catch_ups_running(&self) -> i64 {
+        0
+    }
 }

@@ -13,6 +13,10 @@ use crate::topic;
 /// Longest accepted event name.
 pub const MAX_EVENT_NAME: usize = 128;
 
+/// Event names of this prefix are the gateway's own (`streamline.gap`, …),
+/// so a publisher cannot forge a notice.
+pub const RESERVED_PREFIX: &str = "streamline.";
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventIn {
@@ -85,6 +89,14 @@ fn check(ev: EventIn) -> Result<NewEvent, (&'static str, String)> {
         }
         if name.contains(['\r', '\n']) {
             return Err(("event", "must not contain CR or LF".into()));
+        }
+        if name.starts_with(RESERVED_PREFIX) {
+            return Err((
+                "event",
+                format!(
+                    "names starting with {RESERVED_PREFIX:?} are reserved for the gateway's notices"
+                ),
+            ));
         }
     }
     Ok(NewEvent {
@@ -176,6 +188,9 @@ mod tests {
                 .starts_with("[1].topic:")
         );
         assert!(detail(r#"{"topic":"a","event":"x\ny","data":1}"#).starts_with("event:"));
+        assert!(
+            detail(r#"{"topic":"a","event":"streamline.close","data":1}"#).contains("reserved")
+        );
         assert!(detail(r#"{"topic":"a"}"#).contains("missing field `data`"));
         assert!(detail(r#"{"topic":"a","data":1,"extra":2}"#).contains("unknown field `extra`"));
         assert_eq!(parse_batch(b"[]").unwrap_err().code, "invalid_event");

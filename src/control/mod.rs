@@ -2,9 +2,13 @@
 //!
 //! Routes are declared once, in [`routes`], which records each (method, path)
 //! as it adds it; a test compares that table with `proto-docs/openapi.json`,
-//! so an undocumented route fails the build.
+//! so an undocumented route fails the build. Who may call which route, and
+//! how often a publisher may publish, is decided in [`auth`], a middleware
+//! in front of every route.
 
+pub mod auth;
 pub mod events;
+pub mod operator;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +17,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,9 +25,10 @@ use axum::routing::{MethodFilter, on};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::backend::BusError;
 use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubError};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::sse::CloseReason;
@@ -37,6 +42,8 @@ pub struct ControlState {
     pub cluster: Option<Arc<ClusterClients>>,
     /// This replica's name.
     pub replica: Arc<str>,
+    /// Who may call which route; [`auth::Access::open`] for none.
+    pub access: Arc<auth::Access>,
 }
 
 struct Routes {
@@ -62,6 +69,7 @@ fn routes() -> Routes {
         router: Router::new(),
         table: Vec::new(),
     }
+    .add(Method::GET, "/", operator::page)
     .add(Method::GET, "/health", health)
     .add(Method::GET, "/ready", ready)
     .add(Method::GET, "/clients", list_clients)
@@ -79,18 +87,22 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
 
 /// The control plane's router, with request bodies capped at `max_body` bytes.
 pub fn router(state: ControlState, max_body: usize) -> Router {
+    let access = state.access.clone();
     routes()
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(access, auth::guard))
         .with_state(state)
 }
 
 /// Serves the control plane until the lifecycle stops; requests in flight
 /// then finish before this returns.
 pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    // The peer's address feeds `--publish-rate` and `--trusted-proxy`.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { life.stopped().await })
         .await
 }
@@ -221,11 +233,13 @@ async fn metrics(State(s): State<ControlState>) -> Response {
 
 async fn patch_events(
     State(s): State<ControlState>,
+    caller: Option<Extension<auth::Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
-    let result = publish(&s, &headers, body).await;
+    let caller = caller.map_or(auth::Caller::Anyone, |Extension(c)| c);
+    let result = publish(&s, &caller, &headers, body).await;
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
@@ -234,6 +248,7 @@ async fn patch_events(
 
 async fn publish(
     s: &ControlState,
+    caller: &auth::Caller,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -254,7 +269,14 @@ async fn publish(
         ApiError::new(status, code, e.body_text())
     })?;
     let events = events::parse_batch(&body)?;
-    let ids = s.hub.publish_batch(&events).await?;
+    caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;
+    let ids = s.hub.publish_batch(&events).await.map_err(|e| match e {
+        // With Kafka: an event whose topic no Kafka topic is mapped to.
+        HubError::Bus(BusError::NoSuchTopic(detail)) => {
+            ApiError::bad_request("invalid_event", detail)
+        }
+        e => e.into(),
+    })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response())
 }
 

@@ -1,10 +1,10 @@
 //! A connected stream as the rest of the gateway sees it: identity for
-//! `/clients`, counters, per-topic cursors, and the switch that ends it.
+//! `/clients`, counters, per-ring cursors, and the switch that ends it.
 //!
 //! The stream's own task is the only writer of its cursors and counters, so
 //! those are plain loads and stores; other threads only read them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
@@ -19,11 +19,17 @@ use crate::sse::CloseReason;
 pub struct ClientMeta {
     pub remote_addr: SocketAddr,
     pub user_agent: Option<String>,
-    /// `HTTP/1.1` or `HTTP/2.0`.
+    /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
     /// Cancelled to close the client's HTTP/1 connection when the stream is
     /// ended by the gateway (an HTTP/2 connection carries other streams).
     pub connection: Option<CancellationToken>,
+    /// The client's address: the TCP peer's, or behind a trusted proxy the
+    /// one it forwarded (`--trusted-proxy`).
+    pub client_ip: IpAddr,
+    /// When the stream's token expires: the stream then ends with
+    /// `token_expired` (checked on each heartbeat tick).
+    pub expires_at: Option<SystemTime>,
 }
 
 pub struct Client {
@@ -31,8 +37,9 @@ pub struct Client {
     topics: Box<[Arc<str>]>,
     meta: ClientMeta,
     connected_at: SystemTime,
+    /// Per ring: the ordinal of the last event read.
     cursors: Box<[AtomicU64]>,
-    /// Per topic: the head ordinal when the stream joined. Resumed history
+    /// Per ring: the head ordinal when the stream joined. Resumed history
     /// up to there is backlog, not lag (see [`Client::lag_base`]).
     joined_at: Box<[AtomicU64]>,
     events_sent: AtomicU64,
@@ -55,6 +62,7 @@ fn encode_reason(r: CloseReason) -> u8 {
         CloseReason::Slow => 2,
         CloseReason::Kicked => 3,
         CloseReason::Unavailable => 4,
+        CloseReason::TokenExpired => 5,
     }
 }
 
@@ -64,6 +72,7 @@ fn decode_reason(v: u8) -> Option<CloseReason> {
         2 => Some(CloseReason::Slow),
         3 => Some(CloseReason::Kicked),
         4 => Some(CloseReason::Unavailable),
+        5 => Some(CloseReason::TokenExpired),
         _ => None,
     }
 }
@@ -73,6 +82,8 @@ fn decode_reason(v: u8) -> Option<CloseReason> {
 pub struct ClientInfo {
     pub id: Arc<str>,
     pub remote_addr: String,
+    /// The client's address (see [`ClientMeta::client_ip`]).
+    pub client_ip: String,
     pub topics: Box<[Arc<str>]>,
     /// RFC 3339, milliseconds.
     pub connected_at: String,
@@ -88,6 +99,7 @@ impl Client {
         ClientInfo {
             id: self.id.clone(),
             remote_addr: self.meta.remote_addr.to_string(),
+            client_ip: self.meta.client_ip.to_string(),
             topics: self.topics.clone(),
             connected_at: humantime::format_rfc3339_millis(self.connected_at).to_string(),
             events_sent: self.events_sent(),
@@ -97,9 +109,16 @@ impl Client {
         }
     }
 
-    pub(super) fn new(id: Arc<str>, topics: Box<[Arc<str>]>, meta: ClientMeta) -> Self {
-        let cursors = topics.iter().map(|_| AtomicU64::new(0)).collect();
-        let joined_at = topics.iter().map(|_| AtomicU64::new(0)).collect();
+    /// A client of `topics`, reading `rings` rings (one per topic, or per
+    /// partition of a partitioned topic); cursors are per ring.
+    pub(super) fn new(
+        id: Arc<str>,
+        topics: Box<[Arc<str>]>,
+        rings: usize,
+        meta: ClientMeta,
+    ) -> Self {
+        let cursors = (0..rings).map(|_| AtomicU64::new(0)).collect();
+        let joined_at = (0..rings).map(|_| AtomicU64::new(0)).collect();
         Client {
             id,
             topics,

@@ -101,7 +101,10 @@ pub struct Hub {
     epoch: u64,
     /// Hub-wide event sequence: the `lo` part of every position.
     seq: AtomicU64,
+    /// Every ring, by key (a topic's name, or `<name>#<partition>`).
     topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    /// Topics split into partition rings: name → rings by partition.
+    partitions: RwLock<HashMap<Arc<str>, Vec<Arc<Topic>>>>,
     clients: Mutex<HashMap<Arc<str>, Arc<Client>>>,
     next_client: AtomicU64,
     client_tag: u32,
@@ -129,6 +132,7 @@ impl Hub {
             epoch,
             seq: AtomicU64::new(0),
             topics: RwLock::new(HashMap::new()),
+            partitions: RwLock::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
             client_tag: std::hash::BuildHasher::hash_one(
@@ -180,20 +184,24 @@ impl Hub {
         name: &str,
         start: impl FnOnce() -> Position,
     ) -> Result<Arc<Topic>, HubError> {
-        if let Some(t) = self.get_topic(name) {
+        self.create_ring(name, || Topic::new(name.into(), start()))
+    }
+
+    /// The ring keyed `key`, made by `make` if it does not exist.
+    fn create_ring(&self, key: &str, make: impl FnOnce() -> Topic) -> Result<Arc<Topic>, HubError> {
+        if let Some(t) = self.get_topic(key) {
             return Ok(t);
         }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = topics.get(name) {
+        if let Some(t) = topics.get(key) {
             return Ok(t.clone());
         }
         if topics.len() >= self.config.max_topics {
             return Err(HubError::TooManyTopics(topics.len()));
         }
-        let name: Arc<str> = name.into();
-        let topic = Arc::new(Topic::new(name.clone(), start()));
+        let topic = Arc::new(make());
         topic.touch(self.now_ms());
-        topics.insert(name, topic.clone());
+        topics.insert(topic.key().clone(), topic.clone());
         Ok(topic)
     }
 
@@ -206,6 +214,45 @@ impl Hub {
     /// returns the position its ring has reached.
     pub fn ensure_topic_at(&self, name: &str, start: Position) -> Result<Position, HubError> {
         Ok(self.create_topic(name, || start)?.head().1)
+    }
+
+    /// For buses whose topics have partitions (Kafka): creates the ring of
+    /// `name`'s partition `part`, keyed `key`, starting after `start` (whose
+    /// `hi` is `part`), unless it exists; returns the position its ring has
+    /// reached. Streams opened from then on read it with the topic's other
+    /// partitions; a cursor carries one entry per partition.
+    pub fn ensure_partition_at(
+        &self,
+        key: &str,
+        name: &str,
+        part: u64,
+        start: Position,
+    ) -> Result<Position, HubError> {
+        let ring = self.create_ring(key, || {
+            Topic::ring(key.into(), name.into(), Some(part), start)
+        })?;
+        let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
+        let rings = partitions.entry(ring.name().clone()).or_default();
+        if !rings.iter().any(|r| Arc::ptr_eq(r, &ring)) {
+            rings.push(ring.clone());
+            rings.sort_by_key(|r| r.part());
+        }
+        Ok(ring.head().1)
+    }
+
+    /// The newest position of the ring keyed `ring`, if it exists.
+    pub fn ring_head(&self, ring: &str) -> Option<Position> {
+        Some(self.get_topic(ring)?.head().1)
+    }
+
+    /// The rings of topic `name` that exist now: its partitions' in
+    /// partition order, else its only ring, else none.
+    fn rings(&self, name: &str) -> Vec<Arc<Topic>> {
+        let partitions = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+        match partitions.get(name) {
+            Some(rings) => rings.clone(),
+            None => self.get_topic(name).into_iter().collect(),
+        }
     }
 
     fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Topic>>> {
@@ -258,20 +305,17 @@ impl Hub {
             .collect()
     }
 
-    /// For buses: appends an event the bus delivered, at the bus's position.
-    /// Ignored (false) when the topic is not followed or the ring already
-    /// has that position.
-    pub fn publish_at(&self, topic: &str, pos: Position, event: Option<&str>, data: &str) -> bool {
-        let Some(t) = self.get_topic(topic) else {
+    /// For buses: appends an event the bus delivered, at the bus's position,
+    /// to the ring keyed `ring` (a topic's name, or a partition's key; the
+    /// id carries the topic's name). Ignored (false) when the ring does not
+    /// exist or already has that position.
+    pub fn publish_at(&self, ring: &str, pos: Position, event: Option<&str>, data: &str) -> bool {
+        let Some(t) = self.get_topic(ring) else {
             return false;
         };
+        let id = |pos| format!("{}:{pos}", t.name());
         self.append(&t, |head| {
-            (pos > head).then(|| {
-                (
-                    pos,
-                    sse::encode_event(&format!("{topic}:{pos}"), event, data),
-                )
-            })
+            (pos > head).then(|| (pos, sse::encode_event(&id(pos), event, data)))
         })
         .is_some()
     }
@@ -305,9 +349,12 @@ impl Hub {
             return Ok(());
         };
         for name in topics {
-            match self.get_topic(name) {
-                Some(t) => t.touch(self.now_ms()),
-                None => bus.follow(name).await?,
+            let rings = self.rings(name);
+            if rings.is_empty() {
+                bus.follow(name).await?;
+            }
+            for t in rings {
+                t.touch(self.now_ms());
             }
         }
         Ok(())
@@ -322,13 +369,22 @@ impl Hub {
             t.subscriber_count() == 0
                 && now.saturating_sub(t.touched_ms()) >= linger.as_millis() as u64
         });
-        if idle {
-            topics.remove(name);
+        if idle && let Some(t) = topics.remove(name) {
+            drop(topics);
+            if t.part().is_some() {
+                let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(rings) = partitions.get_mut(t.name()) {
+                    rings.retain(|r| !Arc::ptr_eq(r, &t));
+                    if rings.is_empty() {
+                        partitions.remove(t.name());
+                    }
+                }
+            }
         }
         idle
     }
 
-    /// Names of the topics held now.
+    /// Keys of the rings held now (topic names, or `<name>#<partition>`).
     pub fn topic_names(&self) -> Vec<Arc<str>> {
         self.read_topics().keys().cloned().collect()
     }
@@ -398,27 +454,62 @@ impl Hub {
         }
     }
 
-    /// Per-topic counters, sorted by name.
+    /// Per-topic counters, sorted by name. A topic with partition rings is
+    /// one row: events summed, and as its last event id the cursor over its
+    /// partitions' newest events.
     pub fn topics(&self) -> Vec<TopicInfo> {
-        let topics: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
-        let mut out: Vec<TopicInfo> = topics
-            .iter()
-            .map(|t| {
-                let (published, last) = t.stats();
-                TopicInfo {
-                    name: t.name().to_string(),
-                    subscribers: t.subscriber_count(),
-                    events_published: published,
-                    last_event_id: last.map(|p| format!("{}:{p}", t.name())),
+        let mut topics: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
+        topics.sort_by(|a, b| (a.name(), a.part()).cmp(&(b.name(), b.part())));
+        let mut out: Vec<TopicInfo> = Vec::new();
+        let mut last = Cursor::new();
+        for t in &topics {
+            let (published, newest) = t.stats();
+            match out.last_mut() {
+                Some(row) if t.part().is_some() && row.name == **t.name() => {
+                    row.subscribers = row.subscribers.max(t.subscriber_count());
+                    row.events_published += published;
                 }
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+                _ => {
+                    out.push(TopicInfo {
+                        name: t.name().to_string(),
+                        subscribers: t.subscriber_count(),
+                        events_published: published,
+                        last_event_id: None,
+                    });
+                    last = Cursor::new();
+                }
+            }
+            if let Some(pos) = newest {
+                last.push(t.name(), pos);
+            }
+            if let Some(row) = out.last_mut()
+                && newest.is_some()
+            {
+                row.last_event_id = Some(last.to_string());
+            }
+        }
         out
     }
 
     pub fn topic_count(&self) -> usize {
         self.read_topics().len()
+    }
+
+    /// Runs the hub's timers until `life` stops: a heartbeat every
+    /// `heartbeat`, and the sweep that expires history and forgets idle
+    /// topics. Whoever serves streams from this hub spawns it once.
+    pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
+        const SWEEP_EVERY: Duration = Duration::from_secs(5);
+        let start = tokio::time::Instant::now();
+        let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
+        let mut sweep = tokio::time::interval_at(start + SWEEP_EVERY, SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = beat.tick() => self.heartbeat(),
+                _ = sweep.tick() => self.sweep(),
+                _ = life.stopped() => return,
+            }
+        }
     }
 
     /// Asks every stream to write a heartbeat comment.

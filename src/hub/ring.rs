@@ -1,5 +1,6 @@
-//! One topic's state: a bounded ring of encoded events that is both the
-//! resume history and the live buffer, and the list of its subscribers.
+//! One ring's state: a bounded ring of encoded events that is both the
+//! resume history and the live buffer, and the list of its subscribers. A
+//! topic has one ring, or (Kafka) one per partition.
 //!
 //! Subscribers do not own queues: each holds an *ordinal* (the per-topic
 //! sequence number of the last event it wrote) and reads the ring from there.
@@ -79,7 +80,14 @@ pub enum Resume {
 }
 
 pub struct Topic {
+    /// The hub's key for this ring: the topic name, or for one partition of
+    /// a partitioned topic `<name>#<partition>` (`#` is never in a name).
+    key: Arc<str>,
+    /// The topic name subscribers use and ids carry.
     name: Arc<str>,
+    /// For a partition's ring: the partition, which is the `hi` of every
+    /// position in it (a cursor has one entry per partition).
+    part: Option<u64>,
     /// When a stream last asked for this topic (ms on the hub's clock); a
     /// followed topic is kept at least a linger period after that.
     touched_ms: AtomicU64,
@@ -88,9 +96,17 @@ pub struct Topic {
 }
 
 impl Topic {
+    /// A topic's only ring, keyed by its name.
     pub fn new(name: Arc<str>, start: Position) -> Self {
+        Self::ring(name.clone(), name, None, start)
+    }
+
+    /// A ring with its own key (see [`Topic::part`]).
+    pub fn ring(key: Arc<str>, name: Arc<str>, part: Option<u64>, start: Position) -> Self {
         Topic {
+            key,
             name,
+            part,
             touched_ms: AtomicU64::new(0),
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
@@ -105,6 +121,14 @@ impl Topic {
 
     pub fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    pub fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
+    pub fn part(&self) -> Option<u64> {
+        self.part
     }
 
     pub fn touch(&self, now_ms: u64) {

@@ -62,6 +62,8 @@ pub struct Subscription {
     subs: Box<[Sub]>,
     next: usize,
     heartbeat_seen: u64,
+    /// The heartbeat tick at which the token's expiry was last checked.
+    expiry_seen: u64,
     pending: VecDeque<Bytes>,
     ended: bool,
 }
@@ -73,15 +75,28 @@ impl Subscription {
         resume: Option<&Cursor>,
         meta: ClientMeta,
     ) -> Result<Subscription, HubError> {
+        let bus = hub.bus().cloned();
+        // With a bus, the rings of followed topics exist (`Hub::prepare`):
+        // one per topic, or one per partition. In-memory, each topic's one
+        // ring is created below, once the client is registered.
+        let rings: Vec<Vec<Arc<Topic>>> = match &bus {
+            None => Vec::new(),
+            Some(_) => topics.iter().map(|name| hub.rings(name)).collect(),
+        };
+        let ring_count = match &bus {
+            None => topics.len(),
+            Some(_) => rings.iter().map(Vec::len).sum(),
+        };
         let names: Box<[Arc<str>]> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
-        let client = Arc::new(Client::new(hub.new_client_id(), names, meta));
+        let client = Arc::new(Client::new(hub.new_client_id(), names, ring_count, meta));
         hub.register_client(client.clone())?;
         let mut pending = VecDeque::new();
         pending.push_back(sse::preamble(hub.config.retry, client.id()));
-        let mut subs = Vec::with_capacity(topics.len());
+        let mut subs = Vec::with_capacity(ring_count);
         let mut gaps = Vec::new();
         let mut sub = Subscription {
             heartbeat_seen: hub.heartbeat_tick(),
+            expiry_seen: hub.heartbeat_tick(),
             hub,
             client,
             subs: Box::new([]),
@@ -89,64 +104,71 @@ impl Subscription {
             pending: VecDeque::new(),
             ended: false,
         };
-        let bus = sub.hub.bus().cloned();
-        for (index, name) in topics.iter().enumerate() {
+        for (t, name) in topics.iter().enumerate() {
             // Dropping `sub` on error deregisters the client and the topics
             // joined so far.
-            let topic = match &bus {
-                None => sub.hub.topic_or_create(name),
-                Some(_) => sub
-                    .hub
-                    .get_topic(name)
-                    .ok_or_else(|| HubError::NotFollowed(name.clone())),
+            let found = match &bus {
+                None => sub.hub.topic_or_create(name).map(|t| vec![t]),
+                Some(_) if rings[t].is_empty() => Err(HubError::NotFollowed(name.clone())),
+                Some(_) => Ok(rings[t].clone()),
             };
-            let topic = match topic {
-                Ok(t) => t,
+            let found = match found {
+                Ok(found) => found,
                 Err(e) => {
                     sub.subs = subs.into_boxed_slice();
                     return Err(e);
                 }
             };
-            let (head, head_pos) = topic.head();
-            let mut s = Sub {
-                topic,
-                key: 0,
-                last: head_pos,
-                skip_upto: None,
-                catch_up: None,
-            };
-            let mut ordinal = head;
-            match resume.and_then(|c| c.get(name)) {
-                None => {}
-                Some(pos) if bus.is_none() && pos.hi != sub.hub.epoch => {
-                    gaps.push((index, GapReason::Unknown))
+            for topic in found {
+                let index = subs.len();
+                let (head, head_pos) = topic.head();
+                let mut s = Sub {
+                    topic,
+                    key: 0,
+                    last: head_pos,
+                    skip_upto: None,
+                    catch_up: None,
+                };
+                let mut ordinal = head;
+                // A partition's entry is the one with its `hi`; a partition
+                // missing from the cursor starts live.
+                let seen = resume.and_then(|c| match s.topic.part() {
+                    Some(part) => c.get_at(name, part),
+                    None => c.get(name),
+                });
+                match seen {
+                    None => {}
+                    Some(pos) if bus.is_none() && pos.hi != sub.hub.epoch => {
+                        gaps.push((index, GapReason::Unknown))
+                    }
+                    Some(pos) => match s.topic.locate(pos) {
+                        Resume::At(o, p) => (ordinal, s.last) = (o, p),
+                        Resume::Expired { floor } => match &bus {
+                            Some(bus) => {
+                                s.last = pos;
+                                let rx = bus.catch_up(s.topic.key(), pos, floor);
+                                s.catch_up = Some(CatchUpReader::new(rx));
+                                ordinal = CATCHING_UP;
+                            }
+                            None => gaps.push((index, GapReason::Expired)),
+                        },
+                        Resume::Unknown => match &bus {
+                            Some(_) => (s.last, s.skip_upto) = (pos, Some(pos)),
+                            None => gaps.push((index, GapReason::Unknown)),
+                        },
+                    },
                 }
-                Some(pos) => match s.topic.locate(pos) {
-                    Resume::At(o, p) => (ordinal, s.last) = (o, p),
-                    Resume::Expired { floor } => match &bus {
-                        Some(bus) => {
-                            s.last = pos;
-                            s.catch_up = Some(CatchUpReader::new(bus.catch_up(name, pos, floor)));
-                            ordinal = CATCHING_UP;
-                        }
-                        None => gaps.push((index, GapReason::Expired)),
-                    },
-                    Resume::Unknown => match &bus {
-                        Some(_) => (s.last, s.skip_upto) = (pos, Some(pos)),
-                        None => gaps.push((index, GapReason::Unknown)),
-                    },
-                },
+                // The cursor is set before the topic can see this subscriber, so
+                // a publisher never judges its lag from a stale cursor.
+                sub.client.set_cursor(index, ordinal);
+                sub.client.set_joined_at(index, head);
+                s.key = {
+                    // Held so a sweep cannot forget the topic before we join it.
+                    let _topics = sub.hub.read_topics();
+                    s.topic.subscribe(sub.client.clone(), index)
+                };
+                subs.push(s);
             }
-            // The cursor is set before the topic can see this subscriber, so
-            // a publisher never judges its lag from a stale cursor.
-            sub.client.set_cursor(index, ordinal);
-            sub.client.set_joined_at(index, head);
-            s.key = {
-                // Held so a sweep cannot forget the topic before we join it.
-                let _topics = sub.hub.read_topics();
-                s.topic.subscribe(sub.client.clone(), index)
-            };
-            subs.push(s);
         }
         sub.subs = subs.into_boxed_slice();
         for (index, reason) in gaps {
@@ -185,6 +207,7 @@ impl Subscription {
             if self.ended {
                 return Poll::Ready(None);
             }
+            self.check_expiry();
             if let Some(reason) = self.client.close_reason() {
                 self.ended = true;
                 self.pending
@@ -213,6 +236,21 @@ impl Subscription {
         }
     }
 
+    /// Ends the stream once its token has expired. Checked once per
+    /// heartbeat tick, which wakes every stream: no timer per stream.
+    fn check_expiry(&mut self) {
+        let Some(at) = self.client.meta().expires_at else {
+            return;
+        };
+        let tick = self.hub.heartbeat_tick();
+        if tick != self.expiry_seen {
+            self.expiry_seen = tick;
+            if std::time::SystemTime::now() >= at {
+                self.client.close(CloseReason::TokenExpired);
+            }
+        }
+    }
+
     /// Reads the next event of any topic, rotating so no topic starves the
     /// others. Applies the slow-client policy when a topic has run ahead.
     fn next_event(&mut self, cx: &mut Context<'_>) -> Option<Chunk> {
@@ -237,9 +275,9 @@ impl Subscription {
 
     fn step(&mut self, i: usize, cx: &mut Context<'_>) -> Step {
         if self.subs[i].catch_up.is_some() {
-            match self.step_catch_up(i, cx) {
-                Some(step) => return step,
-                None => {} // handed over to the ring
+            // `None`: handed over to the ring, read on below.
+            if let Some(step) = self.step_catch_up(i, cx) {
+                return step;
             }
         }
         let max_lag = self.hub.config.max_lag;
@@ -310,7 +348,7 @@ impl Subscription {
                     // The ring moved on while we read: read up to its new start.
                     Resume::Expired { floor } => {
                         let rx = match self.hub.bus() {
-                            Some(bus) => bus.catch_up(sub.topic.name(), sub.last, floor),
+                            Some(bus) => bus.catch_up(sub.topic.key(), sub.last, floor),
                             None => return Some(Step::Nothing),
                         };
                         sub.catch_up = Some(CatchUpReader::new(rx));

@@ -26,6 +26,8 @@ fn meta() -> ClientMeta {
         user_agent: None,
         protocol: "HTTP/1.1",
         connection: None,
+        client_ip: "127.0.0.1".parse().unwrap(),
+        expires_at: None,
     }
 }
 
@@ -592,4 +594,104 @@ fn a_heartbeat_tick_yields_one_comment() {
     );
     assert_eq!(poll(&mut sub, &waker), Poll::Pending);
     assert_eq!(sub.client().events_sent(), 0);
+}
+
+/// A bus that only exists: rings are made by the test, events published with
+/// `publish_at`, as a partitioned bus (Kafka) would.
+struct NullBus;
+
+impl Bus for NullBus {
+    fn name(&self) -> &'static str {
+        "null"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _: &'a [NewEvent],
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<String>, BusError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn follow<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), HubError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn catch_up(
+        &self,
+        _: &str,
+        _: Position,
+        _: Position,
+    ) -> tokio::sync::mpsc::Receiver<crate::backend::CatchUp> {
+        tokio::sync::mpsc::channel(1).1
+    }
+
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_partitioned_topic_is_read_from_every_partition_with_one_cursor_entry_each() {
+    let hub = hub();
+    assert!(hub.set_bus(Arc::new(NullBus)).is_ok());
+    for p in 0..2 {
+        let start = Position::new(p, 0);
+        assert_eq!(
+            hub.ensure_partition_at(&format!("t#{p}"), "t", p, start)
+                .unwrap(),
+            start
+        );
+    }
+    hub.ensure_partition_at("u#0", "u", 0, Position::new(0, 0))
+        .unwrap();
+    let mut sub = open(&hub, &["t"], None);
+    let mut single = open(&hub, &["u"], None);
+    skip_preamble(&mut sub);
+    skip_preamble(&mut single);
+    assert!(hub.publish_at("t#1", Position::new(1, 1), None, "a"));
+    assert!(hub.publish_at("t#0", Position::new(0, 1), None, "b"));
+    assert!(hub.publish_at("t#1", Position::new(1, 2), None, "c"));
+    assert!(
+        !hub.publish_at("t#1", Position::new(1, 2), None, "again"),
+        "a position once"
+    );
+    assert!(hub.publish_at("u#0", Position::new(0, 1), None, "d"));
+    assert_eq!(
+        events(&drain(&mut sub).0),
+        [
+            message("t:0-1,t:1-0", "b"),
+            message("t:0-1,t:1-1", "a"),
+            message("t:0-1,t:1-2", "c"),
+        ],
+        "one stream over both partitions, its id the cursor over them"
+    );
+    assert_eq!(
+        events(&drain(&mut single).0),
+        [message("u:0-1", "d")],
+        "one partition: the event's own id, the topic's name"
+    );
+    let client = hub.client(sub.client().id()).unwrap();
+    assert_eq!(&*client.topics()[0], "t", "clients list topic names");
+
+    // Resume by (topic, partition); a partition missing from the cursor
+    // starts live.
+    let mut resumed = open(&hub, &["t"], Some("t:0-0,t:1-1"));
+    assert_eq!(
+        events(&drain(&mut resumed).0),
+        [message("t:0-1,t:1-1", "b"), message("t:0-1,t:1-2", "c")]
+    );
+    let mut partial = open(&hub, &["t"], Some("t:1-1"));
+    assert_eq!(
+        events(&drain(&mut partial).0),
+        [message("t:0-1,t:1-2", "c")]
+    );
+
+    let rows = hub.topics();
+    assert_eq!(rows.len(), 2, "one row per topic: {rows:?}");
+    assert_eq!((rows[0].name.as_str(), rows[0].events_published), ("t", 3));
+    assert_eq!(rows[0].last_event_id.as_deref(), Some("t:0-1,t:1-2"));
+    assert_eq!(rows[0].subscribers, 3);
 }

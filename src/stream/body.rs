@@ -12,16 +12,29 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 
 use crate::hub::{Chunk, Subscription};
+use crate::limits::StreamSlot;
 
 pub struct SseBody {
     sub: Subscription,
     /// The shared event body that follows a multi-topic stream's id line.
     second: Option<Bytes>,
+    /// The stream's place in its address's count, given back with the body.
+    _slot: Option<StreamSlot>,
 }
 
 impl SseBody {
     pub fn new(sub: Subscription) -> Self {
-        SseBody { sub, second: None }
+        SseBody {
+            sub,
+            second: None,
+            _slot: None,
+        }
+    }
+
+    /// Holds `slot` (`--max-streams-per-ip`) for as long as the stream lasts.
+    pub fn holding(mut self, slot: Option<StreamSlot>) -> Self {
+        self._slot = slot;
+        self
     }
 }
 

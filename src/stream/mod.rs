@@ -5,15 +5,22 @@
 //! body reads straight from the hub ([`body::SseBody`]), so an open stream is
 //! the connection's task and a few hundred bytes of state.
 //!
+//! Who may open a stream is checked in [`auth`] (a JWT, when configured);
+//! how many connections and streams a client may have, in [`limits`].
+//!
 //! Architecture invariants: nothing of axum runs on this port; nothing here
 //! parses JSON.
 
+pub mod auth;
 pub mod body;
+pub mod cors;
+pub mod limits;
 pub mod request;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,13 +31,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::client_ip::TrustedProxies;
 use crate::error::ApiError;
 use crate::hub::{ClientMeta, Hub};
 use crate::lifecycle::Lifecycle;
 use body::SseBody;
+use limits::{Admission, StreamLimits};
 
 /// The stream plane's own settings.
 #[derive(Debug, Clone)]
@@ -38,6 +48,24 @@ pub struct StreamOptions {
     pub header_read_timeout: Duration,
     pub write_timeout: Duration,
     pub max_stream_topics: usize,
+    /// Origins whose pages may open streams cross-origin.
+    pub cors: cors::Cors,
+    /// Longest topic name accepted (at most 128).
+    pub max_topic_len: usize,
+    /// Largest request head; also hyper's HTTP/1.1 buffer cap (at least 8192).
+    pub max_header_size: usize,
+    /// Most concurrent streams per HTTP/2 connection.
+    pub h2_max_streams: u32,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most streams open at once per client address; 0: no limit.
+    pub max_streams_per_ip: usize,
+    /// New connections per second per client address; 0: no limit.
+    pub max_conn_rate_per_ip: u32,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Subscribers' authentication; `None`: anyone may subscribe.
+    pub auth: Option<Arc<auth::StreamAuth>>,
 }
 
 impl Default for StreamOptions {
@@ -46,26 +74,42 @@ impl Default for StreamOptions {
             header_read_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_stream_topics: 16,
+            cors: cors::Cors::default(),
+            max_topic_len: crate::topic::MAX_TOPIC_LEN,
+            max_header_size: 64 * 1024,
+            h2_max_streams: 100,
+            max_connections: 25_000,
+            max_streams_per_ip: 256,
+            max_conn_rate_per_ip: 20,
+            trusted_proxies: TrustedProxies::default(),
+            auth: None,
         }
     }
 }
 
 pub type StreamResponse = Response<Either<SseBody, Full<Bytes>>>;
 
-/// hyper's write buffer holds queued frames by reference; a smaller cap than
-/// its ~400 KiB default bounds what a stalled client can pin.
-const MAX_BUF_SIZE: usize = 64 * 1024;
+/// hyper's smallest accepted buffer cap.
+const MIN_BUF_SIZE: usize = 8192;
 
 /// Serves streams on `listener` until the lifecycle stops.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions, life: Lifecycle) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's HTTP/1.1 buffer cap bounds both the request head it will read
+    // and the frames it queues for writing (by reference); a smaller cap
+    // than its ~400 KiB default bounds what a stalled client can pin.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(MAX_BUF_SIZE);
-    builder.http2().timer(TokioTimer::new());
+        .max_buf_size(options.max_header_size.max(MIN_BUF_SIZE));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.h2_max_streams)
+        .max_header_list_size(u32::try_from(options.max_header_size).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    let limits = Arc::new(StreamLimits::new(&options));
     let options = Arc::new(options);
     loop {
         let (stream, remote) = tokio::select! {
@@ -84,51 +128,139 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions,
         // hyper already coalesces queued frames into one write.
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("conn", %remote);
-        let task = connection(
-            builder.clone(),
-            stream,
-            remote,
-            hub.clone(),
-            options.clone(),
-            life.clone(),
-        );
-        life.tracker().spawn(task.instrument(span));
+        match limits.admit(remote.ip()) {
+            Admission::Serve(permit) => {
+                let task = connection(
+                    builder.clone(),
+                    stream,
+                    remote,
+                    Plane {
+                        hub: hub.clone(),
+                        options: options.clone(),
+                        limits: limits.clone(),
+                    },
+                    life.clone(),
+                    permit,
+                );
+                life.tracker().spawn(task.instrument(span));
+            }
+            Admission::Refuse(error, permit) => {
+                let task = refuse(
+                    builder.clone(),
+                    stream,
+                    error,
+                    options.header_read_timeout,
+                    permit,
+                );
+                life.tracker().spawn(task.instrument(span));
+            }
+            Admission::Drop => {
+                tracing::debug!(%remote, "connection dropped: too many being refused");
+            }
+        }
     }
+}
+
+/// What a connection's requests are served from.
+#[derive(Clone)]
+struct Plane {
+    hub: Arc<Hub>,
+    options: Arc<StreamOptions>,
+    limits: Arc<StreamLimits>,
+}
+
+/// Answers a connection over a limit with `error` and closes it: HTTP/1.1
+/// after the first response (`Connection: close`), anything else when the
+/// deadline passes.
+async fn refuse(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    error: ApiError,
+    header_read_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    tracing::debug!(
+        status = error.status.as_u16(),
+        code = error.code,
+        "connection refused"
+    );
+    let error = ApiError {
+        close: true,
+        ..error
+    };
+    let service = service_fn(move |_req| {
+        let res = error
+            .clone()
+            .into_response()
+            .map(Either::<SseBody, _>::Right);
+        async move { Ok::<_, Infallible>(res) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let deadline = header_read_timeout + Duration::from_secs(1);
+    let _ = tokio::time::timeout(deadline, conn).await;
 }
 
 async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     remote: SocketAddr,
-    hub: Arc<Hub>,
-    options: Arc<StreamOptions>,
+    plane: Plane,
     life: Lifecycle,
+    _permit: OwnedSemaphorePermit,
 ) {
+    let options = plane.options.clone();
     // Cancelled when the gateway ends this connection's HTTP/1 stream.
     let ended = CancellationToken::new();
+    // Set once the client has sent a request.
+    let spoken = Arc::new(AtomicBool::new(false));
     let service = {
         let ended = ended.clone();
-        let options = options.clone();
+        let spoken = spoken.clone();
         service_fn(move |req| {
-            let (hub, options, ended) = (hub.clone(), options.clone(), ended.clone());
-            async move { Ok::<_, Infallible>(handle(req, remote, &hub, &options, &ended).await) }
+            spoken.store(true, Relaxed);
+            let (plane, ended) = (plane.clone(), ended.clone());
+            async move { Ok::<_, Infallible>(handle(req, remote, &plane, &ended).await) }
         })
     };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let drain = async {
+        life.draining().await;
+        // A connection that has not sent a request yet is served until the
+        // gateway stops, so its request gets the 503 with Retry-After:
+        // shutting it down now would close it before hyper read the request.
+        if !spoken.load(Relaxed) {
+            life.stopped().await;
+        }
+    };
+    // hyper's header timeout starts once it knows the protocol, and HTTP/2
+    // has none: a connection that has not completed a request within the
+    // header read timeout (silent, or trickling bytes) is dropped here.
+    let silent = async {
+        tokio::time::sleep(options.header_read_timeout).await;
+        if spoken.load(Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
     let draining = tokio::select! {
         _ = conn.as_mut() => return,
         _ = ended.cancelled() => false,
-        _ = life.draining() => true,
+        _ = drain => true,
+        _ = silent => {
+            tracing::debug!("no request within the header read timeout; closing");
+            return;
+        }
     };
     // Finish the response in flight (its body ends with a close notice),
-    // then close; a client that stopped reading is dropped after the timeout.
+    // then close. A client that stopped reading is dropped after the write
+    // timeout, or when the gateway stops (shutdown already gave it that long).
     conn.as_mut().graceful_shutdown();
     let give_up = async {
         if draining {
             life.stopped().await;
+        } else {
+            tokio::time::sleep(options.write_timeout).await;
         }
-        tokio::time::sleep(options.write_timeout).await;
     };
     tokio::select! {
         _ = conn => {},
@@ -139,41 +271,67 @@ async fn connection(
 async fn handle(
     req: Request<Incoming>,
     remote: SocketAddr,
-    hub: &Arc<Hub>,
-    options: &StreamOptions,
+    plane: &Plane,
     ended: &CancellationToken,
 ) -> StreamResponse {
-    match open_stream(&req, remote, hub, options, ended).await {
+    let options = &*plane.options;
+    let result = if request::is_preflight(req.method(), req.uri().path(), req.headers()) {
+        options
+            .cors
+            .preflight(req.headers())
+            .map(|r| r.map(Either::Right))
+    } else {
+        open_stream(&req, remote, plane, ended).await
+    };
+    let mut res = match result {
         Ok(res) => res,
         Err(e) => {
-            tracing::debug!(status = e.status.as_u16(), code = e.code, "stream refused");
+            tracing::debug!(
+                status = e.status.as_u16(),
+                code = e.code,
+                query = %auth::redact_query(req.uri().query().unwrap_or("")),
+                "stream refused"
+            );
             e.into_response().map(Either::Right)
         }
+    };
+    if let Some(origin) = options.cors.allowed(req.headers()) {
+        cors::Cors::allow(origin, res.headers_mut());
     }
+    res
 }
 
 async fn open_stream(
     req: &Request<Incoming>,
     remote: SocketAddr,
-    hub: &Arc<Hub>,
-    options: &StreamOptions,
+    plane: &Plane,
     ended: &CancellationToken,
 ) -> Result<StreamResponse, ApiError> {
+    let (hub, options) = (&plane.hub, &*plane.options);
     let uri = req.uri();
-    let parsed = request::parse(
-        req.method(),
-        uri.path(),
-        uri.query(),
-        req.headers(),
-        options.max_stream_topics,
-    )?;
+    let limits = request::ParseLimits {
+        max_topics: options.max_stream_topics,
+        max_topic_len: options.max_topic_len,
+    };
+    let parsed = request::parse_with(req.method(), uri.path(), uri.query(), req.headers(), limits)?;
     if !hub.accepting() {
-        return Err(ApiError::unavailable(
-            "shutting_down",
-            "this replica is shutting down; retry (another replica will serve you)",
-            1,
-        ));
+        return Err(ApiError {
+            // An HTTP/1 client should reconnect elsewhere, not reuse this.
+            close: req.version() < http::Version::HTTP_2,
+            ..ApiError::unavailable(
+                "shutting_down",
+                "this replica is shutting down; retry (another replica will serve you)",
+                1,
+            )
+        });
     }
+    let client_ip = plane.limits.client_ip(remote.ip(), req.headers());
+    plane.limits.check_rate(remote.ip(), client_ip)?;
+    let expires_at = match &options.auth {
+        Some(auth) => auth.authorize(req.headers(), uri.query(), &parsed.topics)?,
+        None => None,
+    };
+    let slot = plane.limits.stream_slot(client_ip)?;
     hub.prepare(&parsed.topics).await?;
     let http1 = req.version() < http::Version::HTTP_2;
     let meta = ClientMeta {
@@ -185,10 +343,18 @@ async fn open_stream(
             .map(|s| s.chars().take(256).collect()),
         protocol: if http1 { "HTTP/1.1" } else { "HTTP/2" },
         connection: http1.then(|| ended.clone()),
+        client_ip,
+        expires_at,
     };
     let sub = hub.subscribe(&parsed.topics, parsed.resume.as_ref(), meta)?;
-    tracing::debug!(client = %sub.client().id(), topics = ?parsed.topics, "stream opened");
-    let mut res = Response::new(Either::Left(SseBody::new(sub)));
+    tracing::debug!(
+        client = %sub.client().id(),
+        %client_ip,
+        topics = ?parsed.topics,
+        query = %auth::redact_query(uri.query().unwrap_or("")),
+        "stream opened"
+    );
+    let mut res = Response::new(Either::Left(SseBody::new(sub).holding(slot)));
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -12,6 +12,12 @@ use crate::topic;
 /// The only path the stream plane serves.
 pub const STREAM_PATH: &str = "/stream";
 
+/// A CORS preflight for a stream: `OPTIONS /stream` with an `Origin` (see
+/// [`super::cors`]). Any other `OPTIONS` is refused like other methods.
+pub fn is_preflight(method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    method == Method::OPTIONS && path == STREAM_PATH && headers.contains_key(http::header::ORIGIN)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct StreamRequest {
     /// Distinct topics, in the order first given.
@@ -19,8 +25,17 @@ pub struct StreamRequest {
     pub resume: Option<Cursor>,
 }
 
-/// Checks path and method, then reads `topic` (repeatable) and the resume
-/// point: the `Last-Event-ID` header, else the `lastEventId` parameter.
+/// Bounds on what one stream request may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// Distinct topics (`--max-stream-topics`).
+    pub max_topics: usize,
+    /// Length of a topic name (`--max-topic-len`, at most
+    /// [`topic::MAX_TOPIC_LEN`]).
+    pub max_topic_len: usize,
+}
+
+/// [`parse_with`] at most `max_topics` topics of any valid length.
 pub fn parse(
     method: &Method,
     path: &str,
@@ -28,6 +43,26 @@ pub fn parse(
     headers: &HeaderMap,
     max_topics: usize,
 ) -> Result<StreamRequest, ApiError> {
+    let limits = ParseLimits {
+        max_topics,
+        max_topic_len: topic::MAX_TOPIC_LEN,
+    };
+    parse_with(method, path, query, headers, limits)
+}
+
+/// Checks path and method, then reads `topic` (repeatable) and the resume
+/// point: the `Last-Event-ID` header, else the `lastEventId` parameter.
+pub fn parse_with(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    limits: ParseLimits,
+) -> Result<StreamRequest, ApiError> {
+    let ParseLimits {
+        max_topics,
+        max_topic_len,
+    } = limits;
     if path != STREAM_PATH {
         return Err(ApiError::not_found(format!(
             "no such path {path:?}; streams are at {STREAM_PATH}?topic=NAME"
@@ -41,12 +76,12 @@ pub fn parse(
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*key {
             "topic" => {
-                topic::validate(&value, topic::MAX_TOPIC_LEN)
+                topic::validate(&value, max_topic_len.min(topic::MAX_TOPIC_LEN))
                     .map_err(|e| ApiError::bad_request("invalid_topic", format!("topic: {e}")))?;
                 if !topics.iter().any(|t| *t == value) {
                     if topics.len() == max_topics {
                         return Err(ApiError::bad_request(
-                            "too_many_topics",
+                            "too_many_stream_topics",
                             format!("a stream may subscribe to at most {max_topics} topics"),
                         ));
                     }
@@ -114,7 +149,7 @@ mod tests {
             get("topic=a&topic=b&topic=c&topic=d&topic=e")
                 .unwrap_err()
                 .code,
-            "too_many_topics"
+            "too_many_stream_topics"
         );
         let e = parse(
             &Method::POST,

@@ -115,8 +115,7 @@ impl ClusterClients {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for c in clients.iter().filter(|c| !synced.contains(c.id())) {
-            let info = serde_json::to_string(&c.info()).unwrap_or_default();
-            pipe.hset(&hash, &**c.id(), info).ignore();
+            pipe.hset(&hash, &**c.id(), entry(c)).ignore();
         }
         let gone: Vec<&str> = synced.difference(&now).map(|id| &**id).collect();
         if !gone.is_empty() {
@@ -139,8 +138,7 @@ impl ClusterClients {
         let mut pipe = redis::pipe();
         pipe.atomic().del(&hash).ignore();
         for c in &clients {
-            let info = serde_json::to_string(&c.info()).unwrap_or_default();
-            pipe.hset(&hash, &**c.id(), info).ignore();
+            pipe.hset(&hash, &**c.id(), entry(c)).ignore();
         }
         pipe.pexpire(&hash, TTL.as_millis() as i64).ignore();
         self.run::<()>(pipe).await?;
@@ -227,6 +225,17 @@ impl ClusterClients {
     pub fn replica(&self) -> &str {
         &self.replica
     }
+}
+
+/// A client's registry entry: what identifies it. Counters are left out:
+/// written once, they would only go stale (ask the replica for live ones).
+fn entry(c: &crate::hub::Client) -> String {
+    let mut info = serde_json::to_value(c.info()).unwrap_or_default();
+    if let Some(obj) = info.as_object_mut() {
+        obj.remove("events_sent");
+        obj.remove("bytes_sent");
+    }
+    info.to_string()
 }
 
 /// Commands and pipelines, run the same way.

@@ -22,7 +22,7 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use super::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
-use crate::hub::Hub;
+use crate::hub::{Hub, HubError};
 use crate::id::Position;
 use crate::lifecycle::Lifecycle;
 
@@ -416,7 +416,7 @@ impl Bus for RedisBus {
         })
     }
 
-    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), HubError>> {
         Box::pin(async move {
             if self
                 .tail
@@ -438,7 +438,7 @@ impl Bus for RedisBus {
                 }
                 // The topic exists in the hub before the tail can read it,
                 // so nothing the tail reads is dropped.
-                let head = hub.ensure_topic_at(topic, last).map_err(unavailable)?;
+                let head = hub.ensure_topic_at(topic, last)?;
                 tail.insert(topic.into(), head);
             }
             self.tail_changed.notify_one();
@@ -470,6 +470,10 @@ impl Bus for RedisBus {
 
     fn is_up(&self) -> bool {
         self.up.load(Relaxed)
+    }
+
+    fn catch_ups_running(&self) -> i64 {
+        self.stats.catch_ups_running.load(Relaxed)
     }
 }
 
