@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod kafka;
+pub mod nginx;
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -38,6 +43,14 @@ fn base_args() -> Vec<String> {
         "2s",
         "--grace-period",
         "10s",
+        // Every test client comes from 127.0.0.1: per-address limits off
+        // (tests/security.rs turns them on where it tests them).
+        "--max-streams-per-ip",
+        "0",
+        "--max-conn-rate-per-ip",
+        "0",
+        "--publish-rate",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -63,11 +76,19 @@ impl TestGateway {
         let mut args = base_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = Config::try_parse_from(&args).expect("test flags parse");
-        let gw = streamline::Gateway::bind(config).await.expect("gateway binds");
+        let gw = streamline::Gateway::bind(config)
+            .await
+            .expect("gateway binds");
         let (control, stream, hub) = (gw.control_addr(), gw.stream_addr(), gw.hub().clone());
         let token = CancellationToken::new();
         let task = tokio::spawn(gw.run(token.clone()));
-        TestGateway { control, stream, hub, token, task: Some(task) }
+        TestGateway {
+            control,
+            stream,
+            hub,
+            token,
+            task: Some(task),
+        }
     }
 
     pub fn control_url(&self, path: &str) -> String {
@@ -89,25 +110,38 @@ impl TestGateway {
             .expect("PATCH /events");
         assert_eq!(res.status(), 202, "PATCH {body}");
         let v: Value = res.json().await.expect("JSON reply");
-        v["ids"].as_array().expect("ids").iter().map(|i| i.as_str().unwrap().to_owned()).collect()
+        v["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|i| i.as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// Publishes one event with string data and returns its id.
     pub async fn publish_one(&self, topic: &str, data: &str) -> String {
-        self.publish(serde_json::json!({"topic": topic, "data": data})).await.remove(0)
+        self.publish(serde_json::json!({"topic": topic, "data": data}))
+            .await
+            .remove(0)
     }
 
     /// Waits until the hub reports `n` connected clients.
     pub async fn wait_clients(&self, n: usize) {
         let hub = self.hub.clone();
-        eventually(&format!("{n} clients connected"), move || hub.client_count() == n).await;
+        eventually(&format!("{n} clients connected"), move || {
+            hub.client_count() == n
+        })
+        .await;
     }
 
     /// Cancels the shutdown token and waits for the gateway to finish.
     pub async fn shutdown(mut self) {
         self.token.cancel();
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task).await.expect("gateway stops in time").unwrap();
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("gateway stops in time")
+                .unwrap();
         }
     }
 }
@@ -127,7 +161,10 @@ pub fn http() -> reqwest::Client {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -167,19 +204,30 @@ impl SseClient {
     }
 
     /// Connects, sending `Last-Event-ID` when given. Panics unless 200.
-    pub async fn connect_with(client: &reqwest::Client, url: &str, last_id: Option<&str>) -> SseClient {
+    pub async fn connect_with(
+        client: &reqwest::Client,
+        url: &str,
+        last_id: Option<&str>,
+    ) -> SseClient {
         let c = Self::try_connect(client, url, last_id).await;
         assert_eq!(c.status, 200, "stream request to {url} refused");
         c
     }
 
     /// Connects and returns whatever status the server answered.
-    pub async fn try_connect(client: &reqwest::Client, url: &str, last_id: Option<&str>) -> SseClient {
+    pub async fn try_connect(
+        client: &reqwest::Client,
+        url: &str,
+        last_id: Option<&str>,
+    ) -> SseClient {
         let mut req = client.get(url).header("accept", "text/event-stream");
         if let Some(id) = last_id {
             req = req.header("last-event-id", id);
         }
-        let res = tokio::time::timeout(WAIT, req.send()).await.expect("connect in time").expect("connect");
+        let res = tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("connect in time")
+            .expect("connect");
         SseClient {
             status: res.status().as_u16(),
             headers: res.headers().clone(),
@@ -201,7 +249,10 @@ impl SseClient {
             if self.ended {
                 return None;
             }
-            match tokio::time::timeout(WAIT, self.body.next()).await.expect("stream item in time") {
+            match tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("stream item in time")
+            {
                 Some(Ok(chunk)) => {
                     self.buf.extend_from_slice(&chunk);
                     self.parse_lines();
@@ -225,7 +276,10 @@ impl SseClient {
     pub async fn events(&mut self, n: usize) -> Vec<SseEvent> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let e = self.next_event().await.unwrap_or_else(|| panic!("stream ended after {} of {n} events", out.len()));
+            let e = self
+                .next_event()
+                .await
+                .unwrap_or_else(|| panic!("stream ended after {} of {n} events", out.len()));
             out.push(e);
         }
         out
@@ -244,7 +298,9 @@ impl SseClient {
     pub async fn client_id(&mut self) -> String {
         loop {
             match self.next_item().await.expect("preamble") {
-                Item::Comment(c) if c.starts_with("client ") => return c["client ".len()..].to_owned(),
+                Item::Comment(c) if c.starts_with("client ") => {
+                    return c["client ".len()..].to_owned();
+                }
                 Item::Retry(_) => continue,
                 other => panic!("expected the preamble, got {other:?}"),
             }
@@ -270,7 +326,8 @@ impl SseClient {
                 continue;
             }
             if let Some(c) = line.strip_prefix(':') {
-                self.pending.push_back(Item::Comment(c.strip_prefix(' ').unwrap_or(c).to_owned()));
+                self.pending
+                    .push_back(Item::Comment(c.strip_prefix(' ').unwrap_or(c).to_owned()));
                 continue;
             }
             let (field, value) = match line.split_once(':') {
@@ -307,13 +364,18 @@ pub struct BinaryGateway {
 
 impl BinaryGateway {
     pub async fn start(extra: &[&str]) -> BinaryGateway {
+        Self::start_logging(extra, "info").await
+    }
+
+    /// Starts with `RUST_LOG=filter` (e.g. `streamline=debug`).
+    pub async fn start_logging(extra: &[&str], filter: &str) -> BinaryGateway {
         let mut args = base_args();
         args.remove(0);
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(["--log-format".into(), "json".into()]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamline"))
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -342,7 +404,12 @@ impl BinaryGateway {
         .await
         .expect("streamline starts in time");
         let addr = |k: &str| listening[k].as_str().unwrap().parse().unwrap();
-        BinaryGateway { control: addr("control_addr"), stream: addr("stream_addr"), child, logs: rx }
+        BinaryGateway {
+            control: addr("control_addr"),
+            stream: addr("stream_addr"),
+            child,
+            logs: rx,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -350,7 +417,11 @@ impl BinaryGateway {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -358,7 +429,11 @@ impl BinaryGateway {
     pub async fn wait_log(&mut self, msg: &str) -> Value {
         tokio::time::timeout(WAIT, async {
             loop {
-                let line = self.logs.recv().await.unwrap_or_else(|| panic!("exited before logging {msg:?}"));
+                let line = self
+                    .logs
+                    .recv()
+                    .await
+                    .unwrap_or_else(|| panic!("exited before logging {msg:?}"));
                 if line["message"] == msg || line["phase"] == msg {
                     return line;
                 }
@@ -369,7 +444,10 @@ impl BinaryGateway {
     }
 
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(WAIT, self.child.wait()).await.expect("exits in time").unwrap()
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits in time")
+            .unwrap()
     }
 
     pub fn control_url(&self, path: &str) -> String {
@@ -395,5 +473,230 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Number of threads of a process.
 pub fn threads(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Like [`eventually`], for conditions that need to await (an HTTP request).
+pub async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An HTTP/2 client speaking h2c with prior knowledge.
+pub fn http2() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
+/// GETs `url` and returns its JSON body; panics unless the answer is 200.
+pub async fn get_json(url: &str) -> Value {
+    let res = http()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(res.status(), 200, "GET {url}");
+    res.json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// Checks that `res` carries the JSON error body `{"error": code, "detail": …}`
+/// and returns the detail.
+pub async fn expect_api_error(res: reqwest::Response, status: u16, code: &str) -> String {
+    let url = res.url().clone();
+    assert_eq!(res.status(), status, "status of {url}");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "content-type of {url}: {ct:?}"
+    );
+    let body: Value = res
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("error body of {url} is not JSON: {e}"));
+    let obj = body
+        .as_object()
+        .unwrap_or_else(|| panic!("error body of {url} is not an object: {body}"));
+    assert_eq!(
+        obj.len(),
+        2,
+        "error body of {url} has exactly error and detail: {body}"
+    );
+    assert_eq!(body["error"], code, "error code of {url}: {body}");
+    let detail = body["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no detail string: {body}"));
+    assert!(!detail.is_empty(), "empty detail: {body}");
+    detail.to_owned()
+}
+
+/// The `(hi, lo)` position of a single-topic event id `topic:hi-lo`.
+pub fn position(id: &str) -> (u64, u64) {
+    let (_, pos) = id
+        .split_once(':')
+        .unwrap_or_else(|| panic!("id {id:?} has no topic"));
+    let (hi, lo) = pos
+        .split_once('-')
+        .unwrap_or_else(|| panic!("id {id:?} has no hi-lo"));
+    (hi.parse().unwrap(), lo.parse().unwrap())
+}
+
+/// PATCHes `body` to the control plane at `control` and returns the ids;
+/// panics unless the answer is 202 (for gateways other than [`TestGateway`]).
+pub async fn publish_to(
+    client: &reqwest::Client,
+    control: SocketAddr,
+    body: &Value,
+) -> Vec<String> {
+    let res = client
+        .patch(format!("http://{control}/events"))
+        .json(body)
+        .send()
+        .await
+        .expect("PATCH /events");
+    assert_eq!(res.status(), 202, "PATCH /events");
+    let v: Value = res.json().await.expect("JSON reply");
+    v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `remote_addr` of every client `GET /clients` lists.
+pub async fn client_addrs(control: SocketAddr) -> Vec<String> {
+    let v = get_json(&format!("http://{control}/clients")).await;
+    v["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .map(|c| c["remote_addr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A stream request over a raw socket that nobody reads until
+/// [`into_sse`](RawStream::into_sse): a client that stopped reading.
+pub struct RawStream {
+    pub stream: tokio::net::TcpStream,
+}
+
+impl RawStream {
+    /// Sends `GET /stream?{query}` over HTTP/1.1 and reads nothing. With
+    /// `recv_buf`, the socket's receive buffer is set before connecting, so
+    /// the window it advertises stays that small.
+    pub async fn open(addr: SocketAddr, query: &str, recv_buf: Option<u32>) -> RawStream {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = recv_buf {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let request = format!(
+            "GET /stream?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        RawStream { stream }
+    }
+
+    /// The client's address, as `GET /clients` shows it (`remote_addr`).
+    pub fn local_addr(&self) -> String {
+        self.stream.local_addr().unwrap().to_string()
+    }
+
+    /// Drops the socket with `SO_LINGER` 0: the gateway sees a reset, as
+    /// when a client vanishes.
+    pub fn reset(self) {
+        self.stream.set_zero_linger().unwrap();
+        drop(self.stream);
+    }
+
+    /// Starts reading: the response head, then the (chunked) body as SSE.
+    pub async fn into_sse(self) -> SseClient {
+        use tokio::io::AsyncReadExt;
+        let mut reader = BufReader::new(self.stream);
+        let mut line = String::new();
+        async fn read_line(reader: &mut BufReader<tokio::net::TcpStream>, line: &mut String) {
+            line.clear();
+            tokio::time::timeout(WAIT, reader.read_line(line))
+                .await
+                .expect("response head in time")
+                .expect("response head");
+        }
+        read_line(&mut reader, &mut line).await;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {line:?}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        loop {
+            read_line(&mut reader, &mut line).await;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').expect("a header line");
+            headers.append(
+                reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                value.trim().parse().unwrap(),
+            );
+        }
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        assert!(chunked, "a stream's body is chunked: {headers:?}");
+        // Yields each chunk's payload; ends at the last chunk, EOF or an error.
+        let body = futures_util::stream::unfold(reader, |mut reader| async move {
+            let mut size_line = String::new();
+            if reader.read_line(&mut size_line).await.ok()? == 0 {
+                return None;
+            }
+            let size = size_line.trim_end().split(';').next()?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                return None;
+            }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).await.ok()?;
+            chunk.truncate(size);
+            Some((Ok(bytes::Bytes::from(chunk)), reader))
+        });
+        SseClient {
+            status,
+            headers,
+            body: body.boxed(),
+            buf: Vec::new(),
+            pending: Default::default(),
+            cur: SseEvent::default(),
+            has_data: false,
+            ended: false,
+        }
+    }
 }

@@ -1,0 +1,177 @@
+//! The real `streamline` binary: its flags, shutdown on signals, resource use
+//! over many connections, and `--demo`.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// Every flag the documentation promises.
+const FLAGS: &[&str] = &[
+    "control-addr",
+    "stream-addr",
+    "heartbeat",
+    "retry",
+    "max-clients",
+    "max-topics",
+    "max-stream-topics",
+    "max-body",
+    "history-size",
+    "history-ttl",
+    "max-lag",
+    "slow-client-policy",
+    "header-read-timeout",
+    "write-timeout",
+    "shutdown-delay",
+    "drain-window",
+    "grace-period",
+    "demo",
+    "log-format",
+];
+
+#[tokio::test]
+async fn help_lists_every_flag_with_its_env_var() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamline"))
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let documented = FLAGS.iter().map(|f| f.to_string());
+    let declared = <streamline::Config as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect::<Vec<_>>();
+    for flag in documented.chain(declared) {
+        assert!(
+            help.contains(&format!("--{flag}")),
+            "--help lacks --{flag}:\n{help}"
+        );
+        if flag != "help" && flag != "version" {
+            let env = format!("STREAMLINE_{}", flag.to_uppercase().replace('-', "_"));
+            assert!(help.contains(&env), "--help lacks {env}:\n{help}");
+        }
+    }
+}
+
+/// Opens streams of every kind, sends `sig`, and checks that each ends with a
+/// shutdown notice and that the process exits cleanly.
+async fn a_signal_ends_every_stream_then_the_process(sig: &str) {
+    let mut gw = BinaryGateway::start(&["--shutdown-delay", "0s", "--drain-window", "200ms"]).await;
+    let mut streams = Vec::new();
+    for (protocol, client, query) in [
+        ("HTTP/1.1", http(), "topic=a"),
+        ("HTTP/1.1", http(), "topic=a&topic=b"),
+        ("HTTP/1.1", http(), "topic=c"),
+        ("HTTP/2", http2(), "topic=a"),
+        ("HTTP/2", http2(), "topic=b"),
+    ] {
+        let mut s = SseClient::connect_with(&client, &gw.stream_url(query), None).await;
+        s.client_id().await;
+        streams.push((format!("{protocol} stream on {query}"), s));
+    }
+    let clients: Value = get_json(&gw.control_url("/clients")).await;
+    assert_eq!(clients["clients"].as_array().unwrap().len(), streams.len());
+
+    gw.signal(sig);
+    for (what, s) in &mut streams {
+        let rest = s.until_end().await;
+        let last = rest
+            .last()
+            .unwrap_or_else(|| panic!("{what} ended without a notice"));
+        assert_eq!(last.event, "streamline.close", "{what}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&last.data).unwrap(),
+            json!({"reason": "shutdown"}),
+            "{what}"
+        );
+    }
+    gw.wait_log("stopped").await;
+    let status = gw.wait_exit().await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_stream_with_a_notice_and_exits_zero() {
+    a_signal_ends_every_stream_then_the_process("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_closes_every_stream_with_a_notice_and_exits_zero() {
+    a_signal_ends_every_stream_then_the_process("INT").await;
+}
+
+/// Opens and drops `n` streams, `at_once` at a time, each after reading its
+/// preamble.
+async fn churn(client: &reqwest::Client, url: &str, n: usize, at_once: usize) {
+    futures_util::stream::iter(0..n)
+        .for_each_concurrent(at_once, |_| async move {
+            let mut s = SseClient::connect_with(client, url, None).await;
+            s.client_id().await;
+        })
+        .await;
+}
+
+async fn wait_no_clients(gw: &BinaryGateway) {
+    let url = gw.control_url("/clients");
+    eventually_async("no clients left", || async {
+        get_json(&url).await["clients"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connections_leave_no_threads_memory_or_clients_behind() {
+    let mut gw = BinaryGateway::start(&[]).await;
+    let pid = gw.pid();
+    let threads_at_start = threads(pid);
+    let (client, url) = (http(), gw.stream_url("topic=churn"));
+
+    churn(&client, &url, 1_000, 50).await;
+    wait_no_clients(&gw).await;
+    let rss_warm = rss_kib(pid);
+
+    churn(&client, &url, 10_000, 50).await;
+    wait_no_clients(&gw).await;
+    assert_eq!(threads(pid), threads_at_start, "thread count");
+    let rss = rss_kib(pid);
+    assert!(
+        rss < rss_warm + 8 * 1024,
+        "RSS grew from {rss_warm} KiB to {rss} KiB"
+    );
+
+    // Every one of them was counted in and out.
+    let metrics = http()
+        .get(gw.control_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "streamline_connections_opened_total 11000",
+        "streamline_connections_closed_total 11000",
+    ] {
+        assert!(metrics.lines().any(|l| l == name), "{name}:\n{metrics}");
+    }
+    gw.signal("TERM");
+    assert!(gw.wait_exit().await.success());
+}
+
+#[tokio::test]
+async fn demo_publishes_the_time_on_topic_time() {
+    let gw = BinaryGateway::start(&["--demo"]).await;
+    let mut sub = SseClient::connect(&gw.stream_url("topic=time")).await;
+    sub.client_id().await;
+    let ev = sub.next_event().await.expect("a demo event");
+    assert_eq!(ev.event, "time");
+    assert!(ev.id.unwrap().starts_with("time:"));
+    humantime::parse_rfc3339(&ev.data)
+        .unwrap_or_else(|e| panic!("{:?} is not a time: {e}", ev.data));
+}
