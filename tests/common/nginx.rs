@@ -1,0 +1,271 @@
+//! A real nginx per test, running `deploy/nginx/streamline.conf` — the
+//! shipped file, with only its `listen` port and its upstreams' `server`
+//! lines rewritten — on an ephemeral loopback port, from a temp dir that
+//! holds its pid file, logs and temp paths. Killed by pid when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::redis::{RedisServer, free_port};
+use super::{BinaryGateway, WAIT};
+
+/// The shipped configuration.
+pub const SHIPPED: &str = include_str!("../../deploy/nginx/streamline.conf");
+
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+/// A fresh directory under the system temp dir, removed by [`Nginx`]'s drop.
+pub fn temp_dir(what: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "streamline-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `shipped` with `listen` on `127.0.0.1:port` and the `server` lines of
+/// upstream `streamline_stream` (`streamline_control`) replaced by one line
+/// per address in `stream` (`control`), keeping the shipped line's
+/// parameters (`max_fails=…`). Panics if the file no longer has those lines.
+pub fn render(shipped: &str, port: u16, stream: &[SocketAddr], control: &[SocketAddr]) -> String {
+    let mut out = String::new();
+    let (mut listens, mut upstream, mut seen) = (0, None::<&str>, Vec::new());
+    for line in shipped.lines() {
+        let t = line.trim_start();
+        let indent = &line[..line.len() - t.len()];
+        if let Some(name) = t.strip_prefix("upstream ") {
+            upstream = name.strip_suffix(" {").map(str::trim);
+        } else if t == "}" {
+            upstream = None;
+        } else if t.starts_with("listen ") {
+            listens += 1;
+            out.push_str(&format!("{indent}listen 127.0.0.1:{port};\n"));
+            continue;
+        } else if let (Some(name), Some(rest)) = (upstream, t.strip_prefix("server ")) {
+            if seen.contains(&name) {
+                continue; // the first server line stood for all of them
+            }
+            seen.push(name);
+            let params = rest
+                .trim_end_matches(';')
+                .split_once(' ')
+                .map_or("", |p| p.1);
+            let addrs = match name {
+                "streamline_stream" => stream,
+                "streamline_control" => control,
+                other => panic!("unexpected upstream {other}"),
+            };
+            for addr in addrs {
+                out.push_str(&format!("{indent}server {addr} {params};\n"));
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert_eq!(listens, 1, "streamline.conf has one listen line");
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["streamline_control", "streamline_stream"],
+        "both upstreams have server lines"
+    );
+    out
+}
+
+impl Nginx {
+    pub async fn start(stream: &[SocketAddr], control: &[SocketAddr]) -> Nginx {
+        Self::start_with(stream, control, &[]).await
+    }
+
+    /// Also writes `files` (path relative to nginx's directory, contents)
+    /// first, e.g. `streamline.d/page.conf` for an extra location (relative
+    /// `root`/`alias` paths resolve against that directory too).
+    pub async fn start_with(
+        stream: &[SocketAddr],
+        control: &[SocketAddr],
+        files: &[(&str, &str)],
+    ) -> Nginx {
+        let dir = temp_dir("nginx");
+        let port = free_port();
+        let d = dir.display();
+        std::fs::create_dir_all(dir.join("temp")).unwrap();
+        std::fs::create_dir_all(dir.join("streamline.d")).unwrap();
+        for (path, contents) in files {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
+        std::fs::write(
+            dir.join("streamline.conf"),
+            render(SHIPPED, port, stream, control),
+        )
+        .unwrap();
+        // One process (no master, no workers): killing its pid stops all of
+        // nginx, and it reads the temp dir with the test's own rights.
+        let main = format!(
+            "master_process off;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n\
+             \x20   access_log {d}/access.log;\n\
+             \x20   client_body_temp_path {d}/temp/client_body;\n\
+             \x20   proxy_temp_path {d}/temp/proxy;\n\
+             \x20   fastcgi_temp_path {d}/temp/fastcgi;\n\
+             \x20   uwsgi_temp_path {d}/temp/uwsgi;\n\
+             \x20   scgi_temp_path {d}/temp/scgi;\n\
+             \x20   include streamline.conf;\n\
+             }}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), main).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nginx is installed (bash .ci/test installs it)");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut nginx = Nginx { child, addr, dir };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                panic!("nginx exited ({status}):\n{}", nginx.error_log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx did not listen in time:\n{}",
+                nginx.error_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nginx
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The directory nginx runs in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!("nginx error log:\n{}", self.error_log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two real `streamline` replicas sharing one Redis, behind nginx (which
+/// they trust with `--trusted-proxy`). The replicas drain fast
+/// (`--shutdown-delay 0s --drain-window 500ms`) and ask clients to come
+/// back after 300 ms.
+pub struct Cluster {
+    pub replicas: Vec<BinaryGateway>,
+    pub nginx: Nginx,
+    pub redis: RedisServer,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        Self::start_with(&[]).await
+    }
+
+    /// `files` as for [`Nginx::start_with`].
+    pub async fn start_with(files: &[(&str, &str)]) -> Cluster {
+        let redis = RedisServer::start().await;
+        let url = redis.url();
+        let mut replicas = Vec::new();
+        for name in ["replica-a", "replica-b"] {
+            let flags = [
+                "--redis-url",
+                &url,
+                "--replica-id",
+                name,
+                "--shutdown-delay",
+                "0s",
+                "--drain-window",
+                "500ms",
+                "--retry",
+                "300ms",
+                // As deployed: nginx's X-Forwarded-For names the client.
+                "--trusted-proxy",
+                "127.0.0.1",
+            ];
+            replicas.push(BinaryGateway::start(&flags).await);
+        }
+        let stream: Vec<SocketAddr> = replicas.iter().map(|r| r.stream).collect();
+        let control: Vec<SocketAddr> = replicas.iter().map(|r| r.control).collect();
+        let nginx = Nginx::start_with(&stream, &control, files).await;
+        Cluster {
+            replicas,
+            nginx,
+            redis,
+        }
+    }
+
+    /// The replica holding the stream with client id `id`.
+    pub async fn holder_of(&self, id: &str) -> usize {
+        for (i, r) in self.replicas.iter().enumerate() {
+            let v = super::get_json(&r.control_url("/clients")).await;
+            if v["clients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["id"] == id)
+            {
+                return i;
+            }
+        }
+        panic!("no replica holds client {id}")
+    }
+
+    /// The replica holding the only open stream (waits for it to open).
+    pub async fn holder_of_the_stream(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            for (i, r) in self.replicas.iter().enumerate() {
+                let v = super::get_json(&r.control_url("/clients")).await;
+                if v["clients"].as_array().unwrap().len() == 1 {
+                    return i;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replica holds a stream"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! The deployment files against the binary they deploy: every STREAMLINE_*
+//! variable they set exists in `streamline --help`, probes and ports match
+//! the routes and addresses, and the shutdown timings add up (Kubernetes,
+//! compose, the Dockerfile and the nginx config). No container engine or
+//! cluster runs here; the files are parsed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_json::Value;
+use streamline::{Config, control};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    let path = root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every YAML document in `text`, as JSON values.
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| {
+            let v = serde_norway::Value::deserialize(doc).expect("valid YAML");
+            serde_json::to_value(v).expect("plain YAML")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The STREAMLINE_* variables `streamline --help` lists.
+fn help_vars() -> BTreeSet<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_streamline"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let vars: BTreeSet<String> = help
+        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+        .filter(|w| w.starts_with("STREAMLINE_") && w.len() > "STREAMLINE_".len())
+        .map(str::to_owned)
+        .collect();
+    assert!(vars.len() > 20, "found only {vars:?} in --help");
+    vars
+}
+
+fn assert_known(vars: impl IntoIterator<Item = String>, source: &str) {
+    let known = help_vars();
+    let mut n = 0;
+    for v in vars {
+        assert!(
+            v.starts_with("STREAMLINE_"),
+            "{source}: {v} is not a STREAMLINE_* variable"
+        );
+        assert!(
+            known.contains(&v),
+            "{source} sets {v}, which `streamline --help` does not list"
+        );
+        n += 1;
+    }
+    assert!(n > 0, "{source} sets no STREAMLINE_* variable");
+}
+
+/// `KEY=VALUE` lines of an env file (comments and blanks skipped).
+fn env_file(rel: &str) -> BTreeMap<String, String> {
+    read(rel)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{rel}: {l:?}"));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// A `Config` as the binary would read these variables (flags built from
+/// the names: STREAMLINE_DRAIN_WINDOW → --drain-window).
+fn config_from(vars: &BTreeMap<String, String>) -> Config {
+    let mut args = vec!["streamline".to_owned()];
+    for (k, v) in vars {
+        let flag = k["STREAMLINE_".len()..].to_lowercase().replace('_', "-");
+        args.push(format!("--{flag}={v}"));
+    }
+    let config = Config::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    config
+        .validate()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    config
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn duration(s: &str) -> Duration {
+    humantime::parse_duration(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
+}
+
+fn control_paths() -> BTreeSet<String> {
+    control::route_table()
+        .into_iter()
+        .map(|(_, p)| p.to_owned())
+        .collect()
+}
+
+// ----- Kubernetes (Kustomize) -----
+
+struct Kustomization {
+    dir: PathBuf,
+    docs: Vec<Value>,
+    /// The configMapGenerator env files, in order (later ones merge over).
+    env_files: Vec<String>,
+}
+
+fn kustomization(dir: &str) -> Kustomization {
+    let k = &yaml_docs(&read(&format!("{dir}/kustomization.yaml")))[0];
+    let mut docs = Vec::new();
+    let mut env_files = Vec::new();
+    for r in k["resources"].as_array().expect("resources") {
+        let r = r.as_str().unwrap();
+        let path = root().join(dir).join(r);
+        assert!(path.exists(), "{dir}: resource {r} does not exist");
+        if path.is_dir() {
+            let rel = format!("{dir}/{r}");
+            let base = kustomization(&rel);
+            docs.extend(base.docs);
+            env_files.extend(base.env_files);
+        } else {
+            docs.extend(yaml_docs(&read(&format!("{dir}/{r}"))));
+        }
+    }
+    for generator in k["configMapGenerator"].as_array().into_iter().flatten() {
+        for f in generator["envs"].as_array().into_iter().flatten() {
+            env_files.push(format!("{dir}/{}", f.as_str().unwrap()));
+        }
+    }
+    Kustomization {
+        dir: root().join(dir),
+        docs,
+        env_files,
+    }
+}
+
+impl Kustomization {
+    fn of_kind(&self, kind: &str) -> Vec<&Value> {
+        self.docs.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    fn the(&self, kind: &str, name: &str) -> &Value {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.dir.display()))
+    }
+
+    /// The STREAMLINE_* settings the container gets: generated ConfigMap
+    /// entries, then its own `env` (literal values only).
+    fn settings(&self) -> BTreeMap<String, String> {
+        let mut vars = BTreeMap::new();
+        for f in &self.env_files {
+            vars.extend(env_file(f));
+        }
+        for e in self.container()["env"].as_array().into_iter().flatten() {
+            if let Some(v) = e["value"].as_str() {
+                vars.insert(e["name"].as_str().unwrap().to_owned(), v.to_owned());
+            }
+        }
+        vars
+    }
+
+    fn deployment(&self) -> &Value {
+        self.the("Deployment", "streamline")
+    }
+
+    fn container(&self) -> &Value {
+        let containers = self.deployment()["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        containers
+            .iter()
+            .find(|c| c["name"] == "streamline")
+            .expect("a container named streamline")
+    }
+}
+
+const K8S: [&str; 2] = ["deploy/k8s/base", "deploy/k8s/overlays/example"];
+
+#[test]
+fn kubernetes_sets_only_variables_the_binary_reads() {
+    for dir in K8S {
+        let k = kustomization(dir);
+        let mut vars: Vec<String> = k.container()["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect();
+        for f in &k.env_files {
+            vars.extend(env_file(f).into_keys());
+        }
+        assert_known(vars, dir);
+        let refs = k.container()["envFrom"].as_array().unwrap();
+        assert!(
+            refs.iter()
+                .all(|r| r["configMapRef"]["name"] == "streamline"),
+            "{dir}: envFrom the generated ConfigMap"
+        );
+        // The whole set parses and passes the binary's own checks.
+        config_from(&k.settings());
+    }
+}
+
+#[test]
+fn kubernetes_ports_and_probes_match_the_gateway() {
+    let routes = control_paths();
+    for dir in K8S {
+        let k = kustomization(dir);
+        let config = config_from(&k.settings());
+        let c = k.container();
+        let ports: BTreeMap<&str, u64> = c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap(),
+                    p["containerPort"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            BTreeMap::from([
+                ("control", u64::from(config.control_addr.port())),
+                ("stream", u64::from(config.stream_addr.port())),
+            ]),
+            "{dir}: named ports are the configured addresses' ports"
+        );
+        assert!(
+            config.control_addr.ip().is_unspecified(),
+            "{dir}: control plane binds 0.0.0.0"
+        );
+        assert!(
+            config.stream_addr.ip().is_unspecified(),
+            "{dir}: stream plane binds 0.0.0.0"
+        );
+
+        for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/health")] {
+            let get = &c[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{dir}: {probe}");
+            assert_eq!(get["port"], "control", "{dir}: {probe} on the control port");
+            assert!(routes.contains(path), "{path} is a control route");
+        }
+
+        // Services target the named ports; the Ingress targets Services and
+        // routes only public paths.
+        let mut service_ports = BTreeMap::new();
+        for s in k.of_kind("Service") {
+            let name = s["metadata"]["name"].as_str().unwrap();
+            if s["spec"]["selector"]["app.kubernetes.io/name"] != "streamline" {
+                continue;
+            }
+            for p in s["spec"]["ports"].as_array().unwrap() {
+                let target = p["targetPort"].as_str().expect("a named targetPort");
+                assert!(
+                    ports.contains_key(target),
+                    "{dir}: Service {name} → {target}"
+                );
+                service_ports.insert(
+                    (name.to_owned(), p["name"].as_str().unwrap().to_owned()),
+                    target.to_owned(),
+                );
+            }
+        }
+        assert_eq!(service_ports.len(), 2, "{dir}: a Service port per plane");
+        let ingress = k.the("Ingress", "streamline");
+        let annotations = &ingress["metadata"]["annotations"];
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/proxy-buffering"],
+            "off"
+        );
+        let read_timeout: u64 = annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(Duration::from_secs(read_timeout) > config.heartbeat * 4);
+        for rule in ingress["spec"]["rules"].as_array().unwrap() {
+            for p in rule["http"]["paths"].as_array().unwrap() {
+                let path = p["path"].as_str().unwrap();
+                let svc = &p["backend"]["service"];
+                let key = (
+                    svc["name"].as_str().unwrap().to_owned(),
+                    svc["port"]["name"].as_str().unwrap().to_owned(),
+                );
+                let target = service_ports
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("{dir}: Ingress {path} → unknown {key:?}"));
+                if path == "/stream" {
+                    assert_eq!(target, "stream");
+                } else {
+                    assert_eq!(target, "control", "{path}");
+                    assert!(
+                        routes.iter().any(|r| r.starts_with(path)),
+                        "{path} is a control route"
+                    );
+                    assert!(
+                        !["/health", "/ready", "/metrics"].contains(&path),
+                        "{path} is not public"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kubernetes_grace_period_covers_the_drain() {
+    for dir in K8S {
+        let k = kustomization(dir);
+        let config = config_from(&k.settings());
+        let spec = &k.deployment()["spec"]["template"]["spec"];
+        let termination =
+            Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap());
+        assert!(
+            termination >= config.grace_period,
+            "{dir}: terminationGracePeriodSeconds {termination:?} < --grace-period {:?}",
+            config.grace_period
+        );
+        assert!(
+            config.grace_period > config.shutdown_delay + config.drain_window,
+            "{dir}: the grace period must outlast the delay and the drain"
+        );
+        // Readiness turns off (503) at once; the probe must notice well
+        // within the shutdown delay.
+        let probe = &k.container()["readinessProbe"];
+        let notice = Duration::from_secs(
+            probe["periodSeconds"].as_u64().unwrap() * probe["failureThreshold"].as_u64().unwrap(),
+        );
+        assert!(
+            notice < config.shutdown_delay,
+            "{dir}: readiness noticed in {notice:?}"
+        );
+        let pdb = k.the("PodDisruptionBudget", "streamline");
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+            "streamline"
+        );
+        let replicas = k.deployment()["spec"]["replicas"].as_u64().unwrap();
+        assert!(
+            replicas >= 2,
+            "{dir}: a drained replica's clients need another"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_pods_run_locked_down() {
+    let k = kustomization(K8S[0]);
+    let pod = &k.deployment()["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = k.container();
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    let secret = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "STREAMLINE_REDIS_URL")
+        .expect("the Redis URL");
+    assert_eq!(
+        secret["valueFrom"]["secretKeyRef"]["name"], "streamline",
+        "from a Secret"
+    );
+}
+
+// ----- Containers -----
+
+/// The Dockerfile's `ENV` settings of the runtime stage and its `EXPOSE`d ports.
+fn dockerfile() -> (BTreeMap<String, String>, BTreeSet<u64>, String) {
+    let text = read("deploy/docker/Dockerfile").replace("\\\n", " ");
+    let runtime = text.rsplit("\nFROM ").next().unwrap();
+    let (mut env, mut expose, mut user) = (BTreeMap::new(), BTreeSet::new(), String::new());
+    for line in runtime.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            for kv in rest.split_whitespace() {
+                let (k, v) = kv.split_once('=').expect("ENV KEY=VALUE");
+                env.insert(k.to_owned(), v.to_owned());
+            }
+        } else if let Some(rest) = line.strip_prefix("EXPOSE ") {
+            expose.extend(rest.split_whitespace().map(|p| p.parse::<u64>().unwrap()));
+        } else if let Some(rest) = line.strip_prefix("USER ") {
+            user = rest.trim().to_owned();
+        }
+    }
+    (env, expose, user)
+}
+
+#[test]
+fn the_image_listens_on_what_it_exposes() {
+    let (env, expose, user) = dockerfile();
+    assert_known(env.keys().cloned(), "Dockerfile");
+    let config = config_from(&env);
+    assert!(config.control_addr.ip().is_unspecified() && config.stream_addr.ip().is_unspecified());
+    assert_eq!(
+        expose,
+        BTreeSet::from([
+            u64::from(config.control_addr.port()),
+            u64::from(config.stream_addr.port())
+        ])
+    );
+    let uid = user.split(':').next().unwrap();
+    assert!(
+        !uid.is_empty() && uid != "0" && uid != "root",
+        "runs as non-root: {user:?}"
+    );
+    // The Kubernetes pod's user is the image's.
+    let k = kustomization(K8S[0]);
+    let pod_uid = &k.deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"];
+    assert_eq!(pod_uid.to_string(), uid);
+}
+
+#[test]
+fn compose_matches_the_binary_the_image_and_nginx() {
+    let compose = &yaml_docs(&read("deploy/docker/compose.yaml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    let (image_env, _, _) = dockerfile();
+    let nginx_conf = read("deploy/nginx/streamline.conf");
+    let mut replicas = Vec::new();
+    for (name, s) in services {
+        let Some(env) = s["environment"].as_object() else {
+            continue;
+        };
+        if !env.keys().any(|k| k.starts_with("STREAMLINE_")) {
+            continue;
+        }
+        replicas.push(name.clone());
+        assert_known(env.keys().cloned(), &format!("compose service {name}"));
+        let mut settings = image_env.clone();
+        settings.extend(
+            env.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())),
+        );
+        let config = config_from(&settings);
+        // nginx reaches this replica at its service name and ports.
+        for addr in [config.control_addr, config.stream_addr] {
+            let line = format!("server {name}:{} ", addr.port());
+            assert!(nginx_conf.contains(&line), "streamline.conf lacks `{line}`");
+        }
+        let stop = duration(s["stop_grace_period"].as_str().expect("stop_grace_period"));
+        assert!(
+            stop >= config.grace_period,
+            "{name}: stop_grace_period < --grace-period"
+        );
+        for published in s["ports"].as_array().into_iter().flatten() {
+            let container = port_of(published.as_str().unwrap());
+            assert_eq!(
+                container,
+                u64::from(config.control_addr.port()),
+                "{name} publishes its control port"
+            );
+        }
+    }
+    assert_eq!(replicas.len(), 2, "two replicas: {replicas:?}");
+    let nginx = &services["nginx"];
+    let mount = nginx["volumes"][0].as_str().unwrap();
+    let (src, dst) = mount.split_once(':').unwrap();
+    assert!(root().join("deploy/docker").join(src).exists(), "{src}");
+    assert!(dst.starts_with("/etc/nginx/conf.d/"), "{dst}");
+    let listen = nginx_conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen "))
+        .unwrap()
+        .trim_end_matches(';');
+    let published = nginx["ports"][0].as_str().unwrap();
+    assert_eq!(
+        port_of(published),
+        port_of(listen),
+        "nginx publishes its listen port"
+    );
+    assert!(services.contains_key("redis"));
+}
+
+// ----- nginx -----
+
+/// The directives of the `location {pattern} { … }` block.
+fn location<'a>(conf: &'a str, pattern: &str) -> &'a str {
+    let start = conf
+        .find(&format!("location {pattern} {{"))
+        .unwrap_or_else(|| panic!("no location {pattern}"));
+    let block = &conf[start..];
+    &block[..block.find("\n    }").unwrap()]
+}
+
+#[test]
+fn nginx_settings_match_the_gateway() {
+    // Directives only: comments dropped.
+    let shipped = read("deploy/nginx/streamline.conf");
+    let conf: Vec<&str> = shipped
+        .lines()
+        .map(|l| l.split('#').next().unwrap())
+        .collect();
+    let conf = conf.join("\n");
+    let defaults = Config::defaults();
+    assert!(conf.contains("client_max_body_size 1m;"));
+    assert_eq!(
+        defaults.max_body,
+        1024 * 1024,
+        "client_max_body_size follows --max-body"
+    );
+    let stream = location(&conf, "= /stream");
+    for directive in [
+        "proxy_buffering off;",
+        "gzip off;",
+        "proxy_next_upstream error timeout http_503;",
+    ] {
+        assert!(stream.contains(directive), "/stream lacks {directive}");
+    }
+    let timeout = stream
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
+        .unwrap()
+        .trim_end_matches(';');
+    assert!(
+        duration(timeout) > defaults.heartbeat * 4,
+        "read timeout {timeout}"
+    );
+    assert!(!conf.contains("non_idempotent"), "a PATCH is never resent");
+    for directive in [
+        "proxy_http_version 1.1;",
+        "proxy_set_header Connection \"\";",
+        "keepalive ",
+    ] {
+        assert!(conf.contains(directive), "{directive}");
+    }
+    assert!(location(&conf, "~ ^/(health|ready|metrics)$").contains("deny all;"));
+    let routes = control_paths();
+    for public in ["= /events", "= /clients", "/clients/", "= /topics"] {
+        let path = public.trim_start_matches("= ");
+        assert!(
+            routes.iter().any(|r| r.starts_with(path)),
+            "{path} is a control route"
+        );
+        assert!(location(&conf, public).contains("proxy_pass http://streamline_control;"));
+    }
+}
