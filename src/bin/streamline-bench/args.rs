@@ -1,0 +1,192 @@
+//! The command line: one clap-derived struct, every flag also an environment
+//! variable `STREAMLINE_BENCH_*`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Load generator for SSE gateways: opens N streams, publishes at a fixed
+/// rate, and reports delivery, loss, publish-to-receive latency and the
+/// server's memory and CPU. Works against Streamline and against any server
+/// that takes a publish over HTTP and serves `text/event-stream`.
+///
+/// Prints a progress line on stderr once a second, a table on stdout at the
+/// end, and last one JSON line with every figure.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "streamline-bench", version, max_term_width = 100)]
+pub struct Args {
+    /// Stream URL; `{topic}` is replaced by the stream's topic. Plain
+    /// `http://` only (raw HTTP/1.1 over TCP).
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_URL",
+        default_value = "http://127.0.0.1:8081/stream?topic={topic}"
+    )]
+    pub url: String,
+
+    /// Number of SSE streams to open.
+    #[arg(
+        short = 'n',
+        long,
+        env = "STREAMLINE_BENCH_SUBSCRIBERS",
+        default_value_t = 100
+    )]
+    pub subscribers: usize,
+
+    /// Topics `bench-0..K-1`; streams and events are spread over them
+    /// round-robin.
+    #[arg(long, env = "STREAMLINE_BENCH_TOPICS", default_value_t = 1)]
+    pub topics: usize,
+
+    /// Events published per second (all topics together).
+    #[arg(long, env = "STREAMLINE_BENCH_RATE", default_value_t = 100.0)]
+    pub rate: f64,
+
+    /// Length of the publish phase (with --idle-only: how long to hold the
+    /// idle streams), in seconds.
+    #[arg(long, env = "STREAMLINE_BENCH_DURATION", default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Payload size in bytes: `<seq> <unix-micros> ` padded with `x`
+    /// (never shorter than that header).
+    #[arg(long, env = "STREAMLINE_BENCH_SIZE", default_value_t = 100)]
+    pub size: usize,
+
+    /// Publish request method.
+    #[arg(long, env = "STREAMLINE_BENCH_PUB_METHOD", default_value = "PATCH")]
+    pub pub_method: String,
+
+    /// Publish URL; `{topic}` is replaced by the event's topic.
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_PUB_URL",
+        default_value = "http://127.0.0.1:8080/events"
+    )]
+    pub pub_url: String,
+
+    /// Publish request body; `{topic}` and `{payload}` are replaced (the
+    /// payload is JSON-string-safe). nchan: `--pub-body '{payload}'`.
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_PUB_BODY",
+        default_value = r#"{"topic":"{topic}","data":"{payload}"}"#
+    )]
+    pub pub_body: String,
+
+    /// Content-Type of publish requests; by default `application/json` when
+    /// the body template starts with `{` or `[`, else `text/plain`.
+    #[arg(long, env = "STREAMLINE_BENCH_PUB_CONTENT_TYPE")]
+    pub pub_content_type: Option<String>,
+
+    /// Concurrent publishers, each with one keep-alive connection and its
+    /// own share of the events, sent in order (0: one per 1,000 events/s,
+    /// at most 8).
+    #[arg(long, env = "STREAMLINE_BENCH_PUBLISHERS", default_value_t = 0)]
+    pub publishers: usize,
+
+    /// Most events per publish request: a publisher that has fallen behind
+    /// sends what is due as one JSON array `[body,body,…]` (Streamline's
+    /// PATCH /events takes arrays). 1 sends one request per event. Needs a
+    /// publish URL without `{topic}`.
+    #[arg(long, env = "STREAMLINE_BENCH_PUB_BATCH", default_value_t = 1)]
+    pub pub_batch: usize,
+
+    /// How long after --duration a publisher that fell behind may keep
+    /// sending; events still unsent then count as not published.
+    #[arg(long, env = "STREAMLINE_BENCH_PUBLISH_GRACE", default_value = "1s", value_parser = duration)]
+    pub publish_grace: Duration,
+
+    /// Source addresses 127.0.0.1..127.0.0.K to spread the streams over
+    /// (about 28k connections per source address and server port); 0 picks
+    /// one per 25,000 streams for a loopback target and none otherwise.
+    #[arg(long, env = "STREAMLINE_BENCH_SOURCE_ADDRS", default_value_t = 0)]
+    pub source_addrs: u8,
+
+    /// Streams being opened at once (connect until the status line). Keep
+    /// it under the server's listen backlog (often 128) or SYNs are dropped
+    /// and retried a second later.
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_CONNECT_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub connect_concurrency: usize,
+
+    /// Time allowed for one stream to connect and get its response head.
+    #[arg(long, env = "STREAMLINE_BENCH_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub connect_timeout: Duration,
+
+    /// After publishing: stop waiting for deliveries once none arrived for
+    /// this long (or all expected ones did).
+    #[arg(long, env = "STREAMLINE_BENCH_DRAIN_QUIET", default_value = "2s", value_parser = duration)]
+    pub drain_quiet: Duration,
+
+    /// Server process to sample for memory (VmRSS) and CPU time, summed
+    /// over the process and its descendants (nginx workers, say).
+    #[arg(long, env = "STREAMLINE_BENCH_PID")]
+    pub pid: Option<u32>,
+
+    /// Open the streams, measure the server's memory, hold them for
+    /// --duration, and exit without publishing.
+    #[arg(long, env = "STREAMLINE_BENCH_IDLE_ONLY")]
+    pub idle_only: bool,
+
+    /// Name for this run in the JSON line and in --table.
+    #[arg(long, env = "STREAMLINE_BENCH_LABEL", default_value = "")]
+    pub label: String,
+
+    /// Worker threads (0: one per core).
+    #[arg(long, env = "STREAMLINE_BENCH_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// No progress lines on stderr.
+    #[arg(long, short, env = "STREAMLINE_BENCH_QUIET")]
+    pub quiet: bool,
+
+    /// Print a comparison table of the JSON lines in FILE (one run each,
+    /// as this tool prints them) and exit.
+    #[arg(long, value_name = "FILE")]
+    pub table: Option<PathBuf>,
+}
+
+impl Args {
+    /// The number of publishers to run (see --publishers).
+    pub fn publisher_count(&self) -> usize {
+        if self.publishers > 0 {
+            return self.publishers;
+        }
+        ((self.rate / 1000.0).ceil() as usize).clamp(1, 8)
+    }
+
+    /// Events the publish phase plans to send.
+    pub fn planned(&self) -> u64 {
+        (self.rate * self.duration).floor() as u64
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.topics == 0 {
+            return Err("--topics must be at least 1".into());
+        }
+        if !self.idle_only && (self.rate.is_nan() || self.rate <= 0.0) {
+            return Err("--rate must be positive".into());
+        }
+        if !self.duration.is_finite() || self.duration < 0.0 {
+            return Err("--duration must be a number of seconds".into());
+        }
+        if self.pub_batch == 0 {
+            return Err("--pub-batch must be at least 1".into());
+        }
+        if self.pub_batch > 1 && self.pub_url.contains("{topic}") {
+            return Err("--pub-batch needs a publish URL without {topic}".into());
+        }
+        if self.connect_concurrency == 0 {
+            return Err("--connect-concurrency must be at least 1".into());
+        }
+        Ok(())
+    }
+}

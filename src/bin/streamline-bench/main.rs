@@ -1,0 +1,377 @@
+//! `streamline-bench`: a load generator for SSE gateways. Opens N streams,
+//! publishes at a fixed rate, and reports delivery, loss, publish-to-receive
+//! latency and the server's memory and CPU (see `--help`).
+//!
+//! The phases, in order: open every stream (bounded concurrency) and wait
+//! for each HTTP 200; sample the server's memory; publish for `--duration`;
+//! wait until deliveries stop; sample again; close and report.
+//!
+//! Modules: [`args`] (the flags), [`target`] (stream URL and source
+//! addresses), [`subscriber`] (the stream tasks), [`scan`] (HTTP head,
+//! chunked coding and `data:` lines off raw bytes), [`tracker`] (loss and
+//! order per stream), [`payload`] (what an event carries), [`publisher`]
+//! (paced publishing), [`procstat`] (/proc sampling), [`report`] (output).
+
+mod args;
+mod payload;
+mod procstat;
+mod publisher;
+mod report;
+mod scan;
+mod subscriber;
+mod target;
+mod tracker;
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::time::Instant;
+
+use args::Args;
+use publisher::{Plan, Sent, Template};
+use report::{Latency, Report};
+use subscriber::{Outcome, Streams};
+use target::Target;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(file) = &args.table {
+        return print_comparison(file);
+    }
+    if let Err(e) = args.check() {
+        eprintln!("streamline-bench: {e}");
+        return ExitCode::from(2);
+    }
+    let nofile = procstat::raise_nofile();
+    if (nofile as usize) < args.subscribers + 64 {
+        eprintln!(
+            "streamline-bench: warning: the open-files limit is {nofile}, \
+             too low for {} streams",
+            args.subscribers
+        );
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.threads > 0 {
+        rt.worker_threads(args.threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("streamline-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(report) => {
+            print!("{}", report.table());
+            match serde_json::to_string(&report) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("streamline-bench: cannot encode the report: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("streamline-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_comparison(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("streamline-bench: cannot read {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut reports = Vec::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        match serde_json::from_str::<Report>(line) {
+            Ok(r) => reports.push(r),
+            Err(e) => eprintln!(
+                "streamline-bench: skipping a line of {}: {e}",
+                file.display()
+            ),
+        }
+    }
+    print!("{}", report::compare(&reports));
+    ExitCode::SUCCESS
+}
+
+/// What the progress line shows, shared with the task that prints it.
+struct Progress {
+    start: Instant,
+    phase: Mutex<&'static str>,
+    subscribers: usize,
+    planned: u64,
+    quiet: bool,
+}
+
+impl Progress {
+    fn set(&self, phase: &'static str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    async fn print_every_second(self: Arc<Self>, streams: Arc<Streams>, plan: Arc<Plan>) {
+        if self.quiet {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let mut last = 0;
+        loop {
+            tick.tick().await;
+            let delivered = streams.delivered();
+            let phase = *self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!(
+                "[{:>4.0}s] {phase:<10} open {}/{}  published {}/{}  delivered {} (+{}/s)",
+                self.start.elapsed().as_secs_f64(),
+                streams.open.load(Relaxed),
+                self.subscribers,
+                plan.published.load(Relaxed),
+                self.planned,
+                delivered,
+                delivered - last,
+            );
+            last = delivered;
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<Report, String> {
+    let target = Target::resolve(&args.url, args.source_addrs, args.subscribers).await?;
+    let server = args.pid.map(procstat::Server::new).transpose()?;
+    let ticks = procstat::clock_ticks();
+    let publishers = args.publisher_count();
+    let mut report = Report {
+        label: args.label.clone(),
+        url: args.url.clone(),
+        pub_url: args.pub_url.clone(),
+        idle_only: args.idle_only,
+        subscribers: args.subscribers,
+        topics: args.topics,
+        rate: args.rate,
+        duration_s: args.duration,
+        size: args.size,
+        publishers,
+        source_addrs: target.sources.len(),
+        server_pid: args.pid,
+        ..Report::default()
+    };
+    let plan = Arc::new(plan(&args, publishers)?);
+    report.planned = if args.idle_only { 0 } else { plan.planned };
+    report.rss_before_kib = server.and_then(|s| s.rss_kib());
+
+    let progress = Arc::new(Progress {
+        start: Instant::now(),
+        phase: Mutex::new("opening"),
+        subscribers: args.subscribers,
+        planned: report.planned,
+        quiet: args.quiet,
+    });
+    let (streams, mut opened) = Streams::new(
+        target,
+        args.topics,
+        publishers,
+        args.connect_concurrency,
+        args.connect_timeout,
+    );
+    let printer = tokio::spawn(
+        progress
+            .clone()
+            .print_every_second(streams.clone(), plan.clone()),
+    );
+
+    // Open every stream.
+    let open_start = Instant::now();
+    // One task per stream: measured against a few tasks each driving many
+    // streams (FuturesUnordered), no difference showed; the kernel's TCP
+    // work is most of a delivery's cost either way.
+    let tasks: Vec<_> = (0..args.subscribers)
+        .map(|i| tokio::spawn(subscriber::run(streams.clone(), i)))
+        .collect();
+    let mut open_per_topic = vec![0u64; args.topics];
+    let mut open_errors = Vec::new();
+    for _ in 0..args.subscribers {
+        match opened.recv().await {
+            Some((topic, Ok(()))) => open_per_topic[topic] += 1,
+            Some((_, Err(why))) => open_errors.push(why),
+            None => break,
+        }
+    }
+    report.open_s = open_start.elapsed().as_secs_f64();
+    report.streams_open = open_per_topic.iter().sum();
+    report.streams_failed = open_errors.len() as u64;
+    report.open_errors = report::ranked(open_errors.into_iter().map(|why| (why, 1)));
+    if let Some(s) = server {
+        // Let the server settle (allocator, lazily sent heads) before sampling.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        report.rss_idle_kib = s.rss_kib();
+        if let (Some(idle), Some(before)) = (report.rss_idle_kib, report.rss_before_kib)
+            && report.streams_open > 0
+        {
+            report.rss_per_idle_stream_kib =
+                Some((idle as f64 - before as f64) / report.streams_open as f64);
+        }
+    }
+
+    let mut events_per_topic = vec![0u64; args.topics];
+    if args.idle_only {
+        progress.set("idle");
+        tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    } else {
+        progress.set("publishing");
+        let cpu_before = server.and_then(|s| s.cpu_secs());
+        let own_before = procstat::own_cpu_secs(ticks);
+        let start = Instant::now() + Duration::from_millis(10);
+        let mut sent = publish(plan.clone(), start).await?;
+        report.publish_s = start.elapsed().as_secs_f64();
+        report.published = sent.published();
+        report.publish_requests = sent.requests;
+        report.publish_errors = report::ranked(sent.errors);
+        sent.per_topic.resize(args.topics, 0);
+        events_per_topic = sent.per_topic;
+        report.expected_deliveries = open_per_topic
+            .iter()
+            .zip(&events_per_topic)
+            .map(|(streams, events)| streams * events)
+            .sum();
+
+        progress.set("draining");
+        let last_delivery = drain(&streams, report.expected_deliveries, args.drain_quiet).await;
+        let span = last_delivery.saturating_duration_since(start).as_secs_f64();
+        report.server_cpu_s = match (cpu_before, server.and_then(|s| s.cpu_secs())) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        report.bench_cpu_s = procstat::own_cpu_secs(ticks) - own_before;
+        report.delivered = streams.delivered();
+        report.deliveries_per_s = if span > 0.0 {
+            report.delivered as f64 / span
+        } else {
+            0.0
+        };
+        report.latency_us = Latency::from_histogram(&streams.latency());
+    }
+    report.rss_end_kib = server.and_then(|s| s.rss_kib());
+
+    progress.set("closing");
+    streams.stop();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(
+            task.await
+                .map_err(|e| format!("a stream task failed: {e}"))?,
+        );
+    }
+    count_loss(&mut report, &outcomes, &events_per_topic);
+    printer.abort();
+    Ok(report)
+}
+
+/// Adds up what the streams saw. A stream missed what was published on its
+/// topic and never arrived (with `--idle-only` nothing was published).
+fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64]) {
+    let mut ended = Vec::new();
+    for o in outcomes.iter().filter(|o| o.opened) {
+        report.duplicated += o.counts.duplicated;
+        report.out_of_order += o.counts.out_of_order;
+        report.wrong_topic += o.counts.wrong_topic;
+        report.foreign_data_lines += o.foreign;
+        let missing = events_per_topic[o.topic].saturating_sub(o.counts.unique);
+        report.missing += missing;
+        if missing > 0 {
+            report.streams_with_loss += 1;
+            report.max_missing_per_stream = report.max_missing_per_stream.max(missing);
+        }
+        if o.ended_early {
+            report.streams_ended += 1;
+            ended.extend(o.end_reason.iter().map(|why| (why.clone(), 1)));
+        }
+    }
+    report.stream_end_reasons = report::ranked(ended);
+}
+
+/// Runs the publishers on a thread and runtime of their own, so that their
+/// pacing and their requests do not queue behind thousands of stream tasks:
+/// they should behave like an outside client of the server.
+async fn publish(plan: Arc<Plan>, start: Instant) -> Result<Sent, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("publishers".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let sent = rt.map_err(|e| e.to_string()).map(|rt| {
+                rt.block_on(async {
+                    let lanes: Vec<_> = (0..plan.publishers)
+                        .map(|l| tokio::spawn(publisher::run(plan.clone(), l, start)))
+                        .collect();
+                    let mut sent = Sent::default();
+                    for lane in lanes {
+                        if let Ok(s) = lane.await {
+                            sent.merge(s);
+                        }
+                    }
+                    sent
+                })
+            });
+            let _ = tx.send(sent);
+        });
+    spawned.map_err(|e| format!("cannot start the publishers: {e}"))?;
+    rx.await
+        .map_err(|_| "the publishers' thread failed".to_owned())?
+        .map_err(|e| format!("cannot start the publishers' runtime: {e}"))
+}
+
+/// Waits until `expected` deliveries arrived or none arrived for `quiet`;
+/// returns when the last one was seen.
+async fn drain(streams: &Streams, expected: u64, quiet: Duration) -> Instant {
+    let mut seen = streams.delivered();
+    let mut at = Instant::now();
+    loop {
+        if seen >= expected {
+            return at;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = streams.delivered();
+        if now != seen {
+            seen = now;
+            at = Instant::now();
+        } else if at.elapsed() >= quiet {
+            return at;
+        }
+    }
+}
+
+fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
+    let method = reqwest::Method::from_bytes(args.pub_method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("bad --pub-method {:?}", args.pub_method))?;
+    let content_type = args.pub_content_type.clone().unwrap_or_else(|| {
+        if args.pub_body.trim_start().starts_with(['{', '[']) {
+            "application/json".into()
+        } else {
+            "text/plain".into()
+        }
+    });
+    Ok(Plan {
+        method,
+        url: Template::parse(&args.pub_url),
+        body: Template::parse(&args.pub_body),
+        content_type,
+        rate: args.rate,
+        planned: args.planned(),
+        size: args.size,
+        topics: args.topics,
+        publishers,
+        batch: args.pub_batch,
+        duration: Duration::from_secs_f64(args.duration),
+        grace: args.publish_grace,
+        published: Default::default(),
+    })
+}

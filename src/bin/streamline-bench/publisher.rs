@@ -1,0 +1,249 @@
+//! The publish side: `L` publishers, each with one keep-alive HTTP/1.1
+//! connection, paced against the clock.
+//!
+//! Event `s` (0-based, global to the run) is due at `start + s / rate`, goes
+//! to topic `s % K` and is sent by publisher `s % L`. A publisher sends its
+//! events strictly one after another, so their order on the server is known
+//! (the subscriber side checks it). One that falls behind sends what is due
+//! back to back (or as one JSON array with `--pub-batch`) until it has caught
+//! up; what is still unsent `--publish-grace` after the end of the phase
+//! counts as not published.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::payload;
+use crate::target::topic_name;
+
+/// A string with `{topic}` and `{payload}` holes, taken apart once.
+#[derive(Debug, Clone)]
+pub struct Template(Vec<Part>);
+
+#[derive(Debug, Clone)]
+enum Part {
+    Lit(String),
+    Topic,
+    Payload,
+}
+
+impl Template {
+    pub fn parse(s: &str) -> Template {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        loop {
+            let next = [("{topic}", Part::Topic), ("{payload}", Part::Payload)]
+                .into_iter()
+                .filter_map(|(hole, part)| rest.find(hole).map(|at| (at, hole.len(), part)))
+                .min_by_key(|(at, _, _)| *at);
+            match next {
+                Some((at, len, part)) => {
+                    if at > 0 {
+                        parts.push(Part::Lit(rest[..at].to_owned()));
+                    }
+                    parts.push(part);
+                    rest = &rest[at + len..];
+                }
+                None => {
+                    if !rest.is_empty() {
+                        parts.push(Part::Lit(rest.to_owned()));
+                    }
+                    return Template(parts);
+                }
+            }
+        }
+    }
+
+    /// Appends the template to `out`, filling the holes.
+    pub fn render(&self, out: &mut String, topic: &str, payload: impl Fn(&mut String)) {
+        for p in &self.0 {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Topic => out.push_str(topic),
+                Part::Payload => payload(out),
+            }
+        }
+    }
+}
+
+/// Everything the publishers share.
+#[derive(Debug)]
+pub struct Plan {
+    pub method: reqwest::Method,
+    pub url: Template,
+    pub body: Template,
+    pub content_type: String,
+    pub rate: f64,
+    pub planned: u64,
+    pub size: usize,
+    pub topics: usize,
+    pub publishers: usize,
+    pub batch: usize,
+    pub duration: Duration,
+    pub grace: Duration,
+    /// Events accepted so far (for the progress line).
+    pub published: AtomicU64,
+}
+
+/// What one publisher did.
+#[derive(Debug, Clone, Default)]
+pub struct Sent {
+    /// Events accepted (2xx), per topic.
+    pub per_topic: Vec<u64>,
+    pub requests: u64,
+    /// Events whose request failed, by reason.
+    pub errors: HashMap<String, u64>,
+}
+
+impl Sent {
+    pub fn published(&self) -> u64 {
+        self.per_topic.iter().sum()
+    }
+
+    pub fn merge(&mut self, o: Sent) {
+        if self.per_topic.len() < o.per_topic.len() {
+            self.per_topic.resize(o.per_topic.len(), 0);
+        }
+        for (a, b) in self.per_topic.iter_mut().zip(&o.per_topic) {
+            *a += b;
+        }
+        self.requests += o.requests;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+impl Plan {
+    fn due(&self, start: Instant, seq: u64) -> Instant {
+        start + Duration::from_secs_f64(seq as f64 / self.rate)
+    }
+}
+
+/// Publisher number `lane`, from `start` until its events are sent or the
+/// phase (plus grace) is over.
+pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
+    let mut sent = Sent {
+        per_topic: vec![0; plan.topics],
+        ..Sent::default()
+    };
+    let client = match reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            sent.errors.insert(format!("client: {e}"), 1);
+            return sent;
+        }
+    };
+    let stride = plan.publishers as u64;
+    let give_up = start + plan.duration + plan.grace;
+    let mut seq = lane as u64;
+    let mut batch = Vec::with_capacity(plan.batch);
+    let mut url = String::new();
+    let mut body = String::new();
+    while seq < plan.planned {
+        tokio::time::sleep_until(plan.due(start, seq)).await;
+        let now = Instant::now();
+        if now > give_up {
+            break;
+        }
+        batch.clear();
+        while batch.len() < plan.batch && seq < plan.planned && plan.due(start, seq) <= now {
+            batch.push(seq);
+            seq += stride;
+        }
+        url.clear();
+        body.clear();
+        let topic0 = topic_name(batch[0], plan.topics);
+        plan.url.render(&mut url, &topic0, |_| {});
+        if batch.len() > 1 {
+            body.push('[');
+        }
+        for (k, &s) in batch.iter().enumerate() {
+            if k > 0 {
+                body.push(',');
+            }
+            let micros = payload::unix_micros();
+            plan.body
+                .render(&mut body, &topic_name(s, plan.topics), |out| {
+                    payload::write(out, s, micros, plan.size)
+                });
+        }
+        if batch.len() > 1 {
+            body.push(']');
+        }
+        sent.requests += 1;
+        let result = client
+            .request(plan.method.clone(), url.as_str())
+            .header(reqwest::header::CONTENT_TYPE, plan.content_type.as_str())
+            .body(body.clone())
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(res) => {
+                let status = res.status();
+                // Read the answer so the connection can be reused.
+                let _ = res.bytes().await;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {}", status.as_u16()))
+                }
+            }
+            Err(e) => Err(describe(&e)),
+        };
+        match outcome {
+            Ok(()) => {
+                for &s in &batch {
+                    sent.per_topic[(s % plan.topics as u64) as usize] += 1;
+                }
+                plan.published.fetch_add(batch.len() as u64, Relaxed);
+            }
+            Err(why) => *sent.errors.entry(why).or_default() += batch.len() as u64,
+        }
+    }
+    sent
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "connect failed".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_holes() {
+        let t = Template::parse(r#"{"topic":"{topic}","data":"{payload}"}"#);
+        let mut out = String::new();
+        t.render(&mut out, "bench-2", |o| o.push_str("1 2 x"));
+        assert_eq!(out, r#"{"topic":"bench-2","data":"1 2 x"}"#);
+        let mut out = String::new();
+        Template::parse("{payload}").render(&mut out, "t", |o| o.push('p'));
+        assert_eq!(out, "p");
+        let mut out = String::new();
+        Template::parse("http://h/pub/{topic}?a={").render(&mut out, "t", |_| {});
+        assert_eq!(out, "http://h/pub/t?a={");
+    }
+}

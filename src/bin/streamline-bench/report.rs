@@ -1,0 +1,328 @@
+//! The figures of one run: the JSON line scripts read, the table people
+//! read, and the side-by-side table of several runs (`--table`).
+
+use serde::{Deserialize, Serialize};
+
+/// Every figure of one run. Printed as the last line on stdout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    pub label: String,
+    pub url: String,
+    pub pub_url: String,
+    pub idle_only: bool,
+    pub subscribers: usize,
+    pub topics: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub size: usize,
+    pub publishers: usize,
+    pub source_addrs: usize,
+
+    /// Streams open (HTTP 200 read) and failed, and how long opening took.
+    pub streams_open: u64,
+    pub streams_failed: u64,
+    pub open_s: f64,
+    /// Open failures by reason, most frequent first.
+    pub open_errors: Vec<(String, u64)>,
+
+    pub planned: u64,
+    pub published: u64,
+    pub publish_requests: u64,
+    /// Events whose publish request failed, by reason.
+    pub publish_errors: Vec<(String, u64)>,
+    /// From the first publish to the last event sent.
+    pub publish_s: f64,
+
+    /// What the open streams should have received: the events published on
+    /// each stream's topic, summed over streams.
+    pub expected_deliveries: u64,
+    /// Distinct bench events received, over all streams.
+    pub delivered: u64,
+    /// `delivered` over the time from the first publish until the last
+    /// delivery was seen.
+    pub deliveries_per_s: f64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub wrong_topic: u64,
+    /// Streams that missed at least one event.
+    pub streams_with_loss: u64,
+    pub max_missing_per_stream: u64,
+    /// Streams the server ended (or that failed) while the bench ran.
+    pub streams_ended: u64,
+    pub stream_end_reasons: Vec<(String, u64)>,
+    /// Data lines that were not bench events (server notices).
+    pub foreign_data_lines: u64,
+
+    /// Publish-to-receive latency, microseconds.
+    pub latency_us: Latency,
+
+    /// Server figures (with --pid).
+    pub server_pid: Option<u32>,
+    pub rss_before_kib: Option<u64>,
+    pub rss_idle_kib: Option<u64>,
+    pub rss_end_kib: Option<u64>,
+    pub rss_per_idle_stream_kib: Option<f64>,
+    /// Server CPU seconds from the first publish until deliveries stopped.
+    pub server_cpu_s: Option<f64>,
+    /// This tool's own CPU seconds over the same span.
+    pub bench_cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Latency {
+    pub fn from_histogram(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// Counts by reason, merged and sorted, most frequent first.
+pub fn ranked(counts: impl IntoIterator<Item = (String, u64)>) -> Vec<(String, u64)> {
+    let mut by: std::collections::HashMap<String, u64> = Default::default();
+    for (why, n) in counts {
+        *by.entry(why).or_default() += n;
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+/// Microseconds, humanly.
+fn us(v: u64) -> String {
+    if v >= 1_000_000 {
+        format!("{:.2} s", v as f64 / 1e6)
+    } else if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1e3)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {
+    v.map_or("-".into(), |v| format!("{v}{unit}"))
+}
+
+impl Report {
+    /// The loss cell: missing share, then duplicates and reordering if any.
+    fn loss(&self) -> String {
+        let mut s = pct(self.missing, self.expected_deliveries);
+        if self.duplicated + self.out_of_order + self.wrong_topic > 0 {
+            s.push_str(&format!(
+                " +{}dup {}ooo",
+                self.duplicated, self.out_of_order
+            ));
+        }
+        s
+    }
+
+    /// The human-readable table of this run.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(&str, String)> = vec![
+            ("stream URL", self.url.clone()),
+            (
+                "streams",
+                format!(
+                    "{} open, {} failed, in {:.2} s ({} source addresses)",
+                    self.streams_open,
+                    self.streams_failed,
+                    self.open_s,
+                    self.source_addrs.max(1)
+                ),
+            ),
+        ];
+        for (why, n) in self.open_errors.iter().take(5) {
+            rows.push(("  open failure", format!("{n} × {why}")));
+        }
+        if !self.idle_only {
+            rows.extend([
+                ("publish URL", self.pub_url.clone()),
+                (
+                    "published",
+                    format!(
+                        "{} of {} planned ({}) in {:.2} s, {} publishers, {} requests",
+                        self.published,
+                        self.planned,
+                        pct(self.published, self.planned),
+                        self.publish_s,
+                        self.publishers,
+                        self.publish_requests
+                    ),
+                ),
+            ]);
+            for (why, n) in self.publish_errors.iter().take(5) {
+                rows.push(("  publish failure", format!("{n} events × {why}")));
+            }
+            rows.extend([
+                (
+                    "delivered",
+                    format!(
+                        "{} of {} expected, {:.0} deliveries/s",
+                        self.delivered, self.expected_deliveries, self.deliveries_per_s
+                    ),
+                ),
+                (
+                    "loss",
+                    format!(
+                        "{} missing ({}), {} duplicated, {} out of order, {} wrong topic; \
+                         {} streams lost events (at most {} each)",
+                        self.missing,
+                        pct(self.missing, self.expected_deliveries),
+                        self.duplicated,
+                        self.out_of_order,
+                        self.wrong_topic,
+                        self.streams_with_loss,
+                        self.max_missing_per_stream
+                    ),
+                ),
+                (
+                    "latency",
+                    if self.latency_us.count == 0 {
+                        "-".to_owned()
+                    } else {
+                        format!(
+                            "p50 {}  p99 {}  p99.9 {}  max {}  (mean {})",
+                            us(self.latency_us.p50),
+                            us(self.latency_us.p99),
+                            us(self.latency_us.p999),
+                            us(self.latency_us.max),
+                            us(self.latency_us.mean as u64)
+                        )
+                    },
+                ),
+            ]);
+        }
+        rows.push(("streams ended early", format!("{}", self.streams_ended)));
+        for (why, n) in self.stream_end_reasons.iter().take(5) {
+            rows.push(("  ended", format!("{n} × {why}")));
+        }
+        if let Some(pid) = self.server_pid {
+            rows.extend([
+                (
+                    "server RSS",
+                    format!(
+                        "pid {pid}: {} before, {} idle, {} at the end",
+                        opt(self.rss_before_kib, " KiB"),
+                        opt(self.rss_idle_kib, " KiB"),
+                        opt(self.rss_end_kib, " KiB")
+                    ),
+                ),
+                (
+                    "RSS per idle stream",
+                    opt(
+                        self.rss_per_idle_stream_kib.map(|v| format!("{v:.2}")),
+                        " KiB",
+                    ),
+                ),
+            ]);
+            if !self.idle_only {
+                rows.push((
+                    "server CPU",
+                    opt(self.server_cpu_s.map(|v| format!("{v:.2}")), " s"),
+                ));
+            }
+        }
+        if !self.idle_only {
+            rows.push(("bench CPU", format!("{:.2} s", self.bench_cpu_s)));
+        }
+        let width = rows
+            .iter()
+            .map(|(k, _)| k.chars().count())
+            .max()
+            .unwrap_or(0);
+        let mut out = String::new();
+        for (k, v) in rows {
+            out.push_str(&format!("{k:<width$}  {v}\n"));
+        }
+        out
+    }
+}
+
+/// The side-by-side table of several runs.
+pub fn compare(reports: &[Report]) -> String {
+    let header = [
+        "peer",
+        "published/planned",
+        "deliveries/s",
+        "loss",
+        "p50",
+        "p99",
+        "p99.9",
+        "max",
+        "RSS/idle stream",
+        "CPU s",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in reports {
+        let name = if r.label.is_empty() {
+            r.url.clone()
+        } else {
+            r.label.clone()
+        };
+        let lat = |v: u64| {
+            if r.latency_us.count == 0 {
+                "-".to_owned()
+            } else {
+                us(v)
+            }
+        };
+        rows.push(vec![
+            name,
+            format!("{}/{}", r.published, r.planned),
+            format!("{:.0}", r.deliveries_per_s),
+            r.loss(),
+            lat(r.latency_us.p50),
+            lat(r.latency_us.p99),
+            lat(r.latency_us.p999),
+            lat(r.latency_us.max),
+            opt(r.rss_per_idle_stream_kib.map(|v| format!("{v:.1}")), " KiB"),
+            opt(r.server_cpu_s.map(|v| format!("{v:.2}")), ""),
+        ]);
+    }
+    let cols = header.len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(&format!("| {} |\n", cells.join(" | ")));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&format!("| {} |\n", rule.join(" | ")));
+        }
+    }
+    out
+}

@@ -1,0 +1,369 @@
+//! Reading an SSE response straight off the socket's bytes: the HTTP/1.1
+//! response head, the chunked transfer coding, and the bench's events in the
+//! `data:` lines.
+//!
+//! Both decoders are byte-level state machines: they keep a few integers
+//! between reads, allocate nothing per event, and accept any split of a line
+//! or a chunk across reads. Lines end at LF (CRLF works too; a bare CR does
+//! not end a line here).
+
+/// The parsed head of an HTTP/1.x response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub status: u16,
+    pub chunked: bool,
+    /// Length of the head, blank line included: the body starts here.
+    pub len: usize,
+}
+
+/// Longest response head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Parses a response head from the start of `buf`: `Ok(None)` until the
+/// blank line that ends it has arrived.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > MAX_HEAD {
+            return Err("response head too long".into());
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1.x response: {status_line:?}"));
+    }
+    let status = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.to_ascii_lowercase().contains("chunked")
+        })
+    });
+    Ok(Some(Head {
+        status,
+        chunked,
+        len: end + 4,
+    }))
+}
+
+/// The chunked transfer coding, undone a slice at a time.
+#[derive(Debug, Clone)]
+pub struct Dechunk {
+    state: Chunk,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    Size {
+        value: u64,
+        digits: u8,
+    },
+    /// Skipping a chunk extension, up to the LF.
+    Ext {
+        value: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    Done,
+}
+
+impl Default for Dechunk {
+    fn default() -> Self {
+        Dechunk {
+            state: Chunk::Size {
+                value: 0,
+                digits: 0,
+            },
+        }
+    }
+}
+
+impl Dechunk {
+    /// Feeds `input`, handing each run of body bytes to `out`. Returns true
+    /// once the last chunk has been read.
+    pub fn feed<'a>(
+        &mut self,
+        input: &'a [u8],
+        mut out: impl FnMut(&'a [u8]),
+    ) -> Result<bool, String> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match &mut self.state {
+                Chunk::Size { value, digits } => {
+                    match b {
+                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                            if *digits >= 15 {
+                                return Err("chunk size too large".into());
+                            }
+                            *value = *value * 16 + (b as char).to_digit(16).unwrap_or(0) as u64;
+                            *digits += 1;
+                        }
+                        _ if *digits == 0 => return Err(format!("bad chunk size byte {b:#04x}")),
+                        b'\n' => self.state = end_of_size(*value),
+                        _ => self.state = Chunk::Ext { value: *value },
+                    }
+                    i += 1;
+                }
+                Chunk::Ext { value } => match input[i..].iter().position(|&b| b == b'\n') {
+                    Some(p) => {
+                        self.state = end_of_size(*value);
+                        i += p + 1;
+                    }
+                    None => i = input.len(),
+                },
+                Chunk::Data { left } => {
+                    let n = (*left).min((input.len() - i) as u64) as usize;
+                    out(&input[i..i + n]);
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.state = Chunk::DataCr;
+                    }
+                    i += n;
+                }
+                Chunk::DataCr => {
+                    self.state = match b {
+                        b'\r' => Chunk::DataLf,
+                        b'\n' => Chunk::Size {
+                            value: 0,
+                            digits: 0,
+                        },
+                        _ => return Err("chunk not followed by CRLF".into()),
+                    };
+                    i += 1;
+                }
+                Chunk::DataLf => {
+                    if b != b'\n' {
+                        return Err("chunk not followed by CRLF".into());
+                    }
+                    self.state = Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                    };
+                    i += 1;
+                }
+                Chunk::Done => return Ok(true),
+            }
+        }
+        Ok(matches!(self.state, Chunk::Done))
+    }
+}
+
+fn end_of_size(value: u64) -> Chunk {
+    if value == 0 {
+        // Trailers, if any, are not read: the stream is over.
+        Chunk::Done
+    } else {
+        Chunk::Data { left: value }
+    }
+}
+
+/// Finds the bench's events in an event stream: the first `<seq>
+/// <unix-micros>` in a `data:` line. The payload may stand alone
+/// (`data: 7 1700000000000000 xxx`) or sit inside what the server made of
+/// it: a JSON string (`data: "7 1700… xxx"`) or a JSON object wrapping the
+/// published event. Any other line is skipped.
+#[derive(Debug, Clone, Default)]
+pub struct Scanner {
+    state: Line,
+    seq: u64,
+    micros: u64,
+    digits: u8,
+    /// Data lines without a bench event (a server's notices, say).
+    pub foreign: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum Line {
+    /// At the start of a line, having matched this many bytes of `data:`.
+    #[default]
+    Start,
+    Prefix(u8),
+    /// In a data line, looking for the first digit of a sequence number.
+    Seek,
+    Seq,
+    Micros,
+    /// Skipping to the end of the line.
+    Skip,
+}
+
+const DATA: &[u8] = b"data:";
+/// Fewer digits than this cannot be a Unix time in microseconds (1970 plus
+/// three hours); it keeps stray numbers from passing for an event.
+const MIN_MICROS_DIGITS: u8 = 10;
+
+impl Scanner {
+    /// Feeds a run of body bytes; calls `event(seq, sent_micros)` for each
+    /// bench event found.
+    pub fn feed(&mut self, input: &[u8], mut event: impl FnMut(u64, u64)) {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Line::Start | Line::Prefix(_) => {
+                    let matched = match self.state {
+                        Line::Prefix(m) => m as usize,
+                        _ => 0,
+                    };
+                    if b == DATA[matched] {
+                        self.state = if matched + 1 == DATA.len() {
+                            Line::Seek
+                        } else {
+                            Line::Prefix(matched as u8 + 1)
+                        };
+                        i += 1;
+                    } else if b == b'\n' {
+                        self.state = Line::Start;
+                        i += 1;
+                    } else {
+                        self.state = Line::Skip;
+                    }
+                }
+                Line::Seek => {
+                    match input[i..]
+                        .iter()
+                        .position(|&b| b.is_ascii_digit() || b == b'\n')
+                    {
+                        Some(p) if input[i + p] == b'\n' => {
+                            self.foreign += 1;
+                            self.state = Line::Start;
+                            i += p + 1;
+                        }
+                        Some(p) => {
+                            self.seq = 0;
+                            self.digits = 0;
+                            self.state = Line::Seq;
+                            i += p;
+                        }
+                        None => i = input.len(),
+                    }
+                }
+                Line::Seq => match b {
+                    b'0'..=b'9' if self.digits < 19 => {
+                        self.seq = self.seq * 10 + (b - b'0') as u64;
+                        self.digits += 1;
+                        i += 1;
+                    }
+                    b' ' => {
+                        self.micros = 0;
+                        self.digits = 0;
+                        self.state = Line::Micros;
+                        i += 1;
+                    }
+                    _ => self.state = Line::Seek,
+                },
+                Line::Micros => match b {
+                    b'0'..=b'9' if self.digits < 19 => {
+                        self.micros = self.micros * 10 + (b - b'0') as u64;
+                        self.digits += 1;
+                        i += 1;
+                    }
+                    b' ' | b'"' | b'\r' | b'\n' | b',' | b'}'
+                        if self.digits >= MIN_MICROS_DIGITS =>
+                    {
+                        event(self.seq, self.micros);
+                        self.state = Line::Skip;
+                    }
+                    _ => self.state = Line::Seek,
+                },
+                Line::Skip => match input[i..].iter().position(|&b| b == b'\n') {
+                    Some(p) => {
+                        self.state = Line::Start;
+                        i += p + 1;
+                    }
+                    None => i = input.len(),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(parts: &[&[u8]]) -> (Vec<(u64, u64)>, u64) {
+        let mut s = Scanner::default();
+        let mut got = Vec::new();
+        for p in parts {
+            s.feed(p, |a, b| got.push((a, b)));
+        }
+        (got, s.foreign)
+    }
+
+    const STREAM: &[u8] = b"retry: 2000\n: client x\n\nid: a:1\ndata: 7 1700000000000001 xxxx\n\n\
+        event: streamline.close\ndata: {\"reason\":\"slow\"}\n\n:\n\ndata:8 1700000000000002\n\n\
+        data: \"9 1700000000000003 xx\"\r\n\r\ndata: 10\n\ndata: 11 17 x\n\n\
+        data: {\"topic\": \"bench-0\", \"data\": \"12 1700000000000004 xx\"}\n\n";
+
+    #[test]
+    fn finds_events_in_any_split() {
+        let want = vec![
+            (7, 1_700_000_000_000_001),
+            (8, 1_700_000_000_000_002),
+            (9, 1_700_000_000_000_003),
+            (12, 1_700_000_000_000_004),
+        ];
+        assert_eq!(scan_all(&[STREAM]), (want.clone(), 3));
+        for cut in 0..STREAM.len() {
+            let (a, b) = STREAM.split_at(cut);
+            assert_eq!(scan_all(&[a, b]), (want.clone(), 3), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = STREAM.chunks(1).collect();
+        assert_eq!(scan_all(&bytes), (want, 3));
+    }
+
+    #[test]
+    fn head_status_and_coding() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nrest";
+        assert_eq!(parse_head(&raw[..20]).unwrap(), None);
+        let h = parse_head(raw).unwrap().unwrap();
+        assert_eq!(
+            (h.status, h.chunked, &raw[h.len..]),
+            (200, true, &b"rest"[..])
+        );
+        let h = parse_head(b"HTTP/1.0 503 Service Unavailable\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.status, h.chunked), (503, false));
+        assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn dechunks_across_any_split() {
+        let body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n1\r\n!\r\n0\r\n\r\n";
+        for cut in 0..body.len() {
+            let mut d = Dechunk::default();
+            let mut out = Vec::new();
+            let (a, b) = body.split_at(cut);
+            let mut done = d.feed(a, |s| out.extend_from_slice(s)).unwrap();
+            done |= d.feed(b, |s| out.extend_from_slice(s)).unwrap();
+            assert!(done, "cut at {cut}");
+            assert_eq!(out, b"hello, world!", "cut at {cut}");
+        }
+        assert!(Dechunk::default().feed(b"zz\r\n", |_| {}).is_err());
+    }
+
+    #[test]
+    fn chunked_events_split_mid_line() {
+        let mut d = Dechunk::default();
+        let mut s = Scanner::default();
+        let mut got = Vec::new();
+        let wire = b"9\r\ndata: 3 1\r\n14\r\n700000000000000 xx\n\n\r\n";
+        let done = d
+            .feed(wire, |part| s.feed(part, |a, b| got.push((a, b))))
+            .unwrap();
+        assert!(!done);
+        assert_eq!(got, [(3, 1_700_000_000_000_000)]);
+    }
+}

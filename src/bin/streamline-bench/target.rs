@@ -1,0 +1,124 @@
+//! Where the streams go: the stream URL template taken apart once, the
+//! request each stream sends, and the source addresses streams connect from.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// The stream side of the server under test.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    authority: String,
+    /// Path and query, with `{topic}` still in it.
+    path: String,
+    /// Source addresses to bind before connecting (empty: let the kernel
+    /// choose).
+    pub sources: Vec<IpAddr>,
+}
+
+/// The topic of stream or event number `i`.
+pub fn topic_name(i: u64, topics: usize) -> String {
+    format!("bench-{}", i % topics.max(1) as u64)
+}
+
+impl Target {
+    /// Parses `http://host[:port]/path?query` and resolves the host.
+    /// `source_addrs`: see `--source-addrs`.
+    pub async fn resolve(url: &str, source_addrs: u8, streams: usize) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{url:?}: only http:// stream URLs are supported"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("{url:?}: no usable host"));
+        }
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
+            .await
+            .map_err(|e| format!("cannot resolve {with_port}: {e}"))?
+            .collect();
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| format!("{with_port} resolves to no address"))?;
+        let loopback_v4 = matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
+        let count = match source_addrs {
+            0 if loopback_v4 => streams.div_ceil(25_000).clamp(1, 254),
+            0 => 0,
+            k if loopback_v4 => k as usize,
+            _ => {
+                return Err(format!(
+                    "--source-addrs needs a 127.x.x.x target, not {}",
+                    addr.ip()
+                ));
+            }
+        };
+        // One address needs no explicit bind.
+        let sources = if count > 1 {
+            (1..=count as u8)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Target {
+            addr,
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+            sources,
+        })
+    }
+
+    /// The request stream `i` sends for `topic`.
+    pub fn request(&self, topic: &str) -> String {
+        let path = self.path.replace("{topic}", topic);
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\nUser-Agent: streamline-bench\r\n\r\n",
+            self.authority
+        )
+    }
+
+    /// The source address for stream `i`, if streams are spread.
+    pub fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn parses_and_spreads() {
+        let t = Target::resolve("http://127.0.0.1:9/stream?topic={topic}", 3, 10)
+            .await
+            .unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9".parse().unwrap());
+        assert!(t.request("bench-1").starts_with(
+            "GET /stream?topic=bench-1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAccept: text/event-stream\r\n"
+        ));
+        assert_eq!(t.source(4), Some("127.0.0.2".parse().unwrap()));
+        let t = Target::resolve("http://127.0.0.1:9/s", 0, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(t.sources.len(), 3);
+        let t = Target::resolve("http://127.0.0.1:9/s", 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(t.source(5), None);
+        assert!(Target::resolve("https://x/", 0, 1).await.is_err());
+        assert_eq!(topic_name(7, 3), "bench-1");
+    }
+}

@@ -1,0 +1,118 @@
+//! The `streamline-bench` binary against an in-process gateway: every
+//! published event reaches every stream, once and in order, and the final
+//! JSON line says so.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::process::Command;
+
+/// Runs the bench against `gw` with `extra` flags (split at spaces);
+/// returns its JSON line.
+async fn bench(gw: &TestGateway, extra: &str) -> Value {
+    let url = format!("http://{}/stream?topic={{topic}}", gw.stream);
+    let pub_url = gw.control_url("/events");
+    let pid = std::process::id().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_streamline-bench"))
+        .args([
+            "--url",
+            &url,
+            "--pub-url",
+            &pub_url,
+            "--pid",
+            &pid,
+            "--quiet",
+        ])
+        // No timing in these tests: a slow machine may delay events but
+        // must not drop them, so the publisher may finish late and
+        // deliveries may pause.
+        .args(["--publish-grace", "120s", "--drain-quiet", "30s"])
+        .args(extra.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn streamline-bench");
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("the bench finishes in time")
+        .expect("bench output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a JSON line");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn assert_no_loss(r: &Value, subscribers: u64) {
+    assert_eq!(n(r, "streams_open"), subscribers, "{r}");
+    assert_eq!(n(r, "streams_failed"), 0, "{r}");
+    assert_eq!(n(r, "published"), n(r, "planned"), "{r}");
+    for key in [
+        "missing",
+        "duplicated",
+        "out_of_order",
+        "wrong_topic",
+        "streams_ended",
+    ] {
+        assert_eq!(n(r, key), 0, "{key}: {r}");
+    }
+    assert_eq!(n(r, "delivered"), n(r, "expected_deliveries"), "{r}");
+    assert_eq!(r["latency_us"]["count"], r["delivered"], "{r}");
+}
+
+#[tokio::test]
+async fn every_event_reaches_every_stream() {
+    let gw = TestGateway::start().await;
+    let r = bench(
+        &gw,
+        "--subscribers 50 --rate 200 --duration 2 --label one-topic",
+    )
+    .await;
+    assert_no_loss(&r, 50);
+    assert_eq!(n(&r, "planned"), 400);
+    assert_eq!(n(&r, "delivered"), 50 * 400);
+    assert_eq!(r["label"], "one-topic");
+    assert!(n(&r, "rss_idle_kib") > 0, "{r}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn topics_publishers_and_batches() {
+    let gw = TestGateway::start().await;
+    let flags = concat!(
+        "--subscribers 30 --topics 3 --rate 300 --duration 1",
+        " --publishers 2 --pub-batch 4 --size 40"
+    );
+    let r = bench(&gw, flags).await;
+    assert_no_loss(&r, 30);
+    assert_eq!(n(&r, "planned"), 300);
+    // Ten streams on each topic, a third of the events each.
+    assert_eq!(n(&r, "delivered"), 30 * 100);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_streams_only() {
+    let gw = TestGateway::start().await;
+    let r = bench(&gw, "--subscribers 20 --idle-only --duration 0.2").await;
+    assert_eq!(n(&r, "streams_open"), 20);
+    assert_eq!(n(&r, "planned"), 0);
+    assert_eq!(n(&r, "published"), 0);
+    assert_eq!(n(&r, "streams_ended"), 0);
+    assert!(r["rss_per_idle_stream_kib"].is_number(), "{r}");
+    gw.shutdown().await;
+}
