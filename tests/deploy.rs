@@ -385,6 +385,48 @@ fn kubernetes_pods_run_locked_down() {
     );
 }
 
+/// The Kafka topic names a `for t in a b; do … kafka-topics.sh …` command creates.
+fn created_topics(command: &str) -> BTreeSet<String> {
+    let list = command
+        .split("for t in ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no `for t in …;` in {command}"));
+    assert!(command.contains("kafka-topics.sh") && command.contains("--create"));
+    list.split_whitespace().map(str::to_owned).collect()
+}
+
+#[test]
+fn the_example_overlay_creates_the_kafka_topics_it_streams() {
+    let k = kustomization(K8S[1]);
+    let settings = k.settings();
+    let config = config_from(&settings);
+    let brokers = config
+        .kafka_brokers
+        .clone()
+        .expect("the example uses Kafka");
+    let job = k.the("Job", "kafka-topics");
+    let command = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        .as_str()
+        .unwrap();
+    let created = created_topics(command);
+    assert!(command.contains(&format!("--bootstrap-server {brokers}")));
+    for topic in &config.kafka_topics {
+        let kafka_topic = topic.split_once('=').map_or(topic.as_str(), |(k, _)| k);
+        assert!(
+            created.contains(kafka_topic),
+            "{kafka_topic} not created: {created:?}"
+        );
+    }
+    // The broker's Service is what STREAMLINE_KAFKA_BROKERS names.
+    let (host, port) = brokers.split_once(':').unwrap();
+    let service = k.the("Service", host);
+    assert_eq!(
+        service["spec"]["ports"][0]["port"].as_u64(),
+        Some(port.parse().unwrap())
+    );
+}
+
 // ----- Containers -----
 
 /// The Dockerfile's `ENV` settings of the runtime stage and its `EXPOSE`d ports.
@@ -438,6 +480,7 @@ fn compose_matches_the_binary_the_image_and_nginx() {
     let (image_env, _, _) = dockerfile();
     let nginx_conf = read("deploy/nginx/streamline.conf");
     let mut replicas = Vec::new();
+    let mut kafka_topics_seen = Vec::new();
     for (name, s) in services {
         let Some(env) = s["environment"].as_object() else {
             continue;
@@ -453,6 +496,11 @@ fn compose_matches_the_binary_the_image_and_nginx() {
                 .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())),
         );
         let config = config_from(&settings);
+        kafka_topics_seen.push((
+            name.clone(),
+            config.kafka_brokers.clone(),
+            config.kafka_topics.clone(),
+        ));
         // nginx reaches this replica at its service name and ports.
         for addr in [config.control_addr, config.stream_addr] {
             let line = format!("server {name}:{} ", addr.port());
@@ -490,6 +538,33 @@ fn compose_matches_the_binary_the_image_and_nginx() {
         "nginx publishes its listen port"
     );
     assert!(services.contains_key("redis"));
+    // Kafka is the bus: every replica reads the compose broker, and the
+    // topics it streams are the ones the init service creates (Streamline
+    // creates none, and the broker does not auto-create them).
+    let create = services["kafka-topics"]["command"][0]
+        .as_str()
+        .expect("kafka-topics runs one shell command")
+        .to_owned();
+    let kafka = &services["kafka"]["environment"];
+    let advertised = kafka["KAFKA_ADVERTISED_LISTENERS"].as_str().unwrap();
+    for (name, brokers, topics) in kafka_topics_seen {
+        let brokers = brokers.unwrap_or_else(|| panic!("{name} sets no STREAMLINE_KAFKA_BROKERS"));
+        for broker in brokers.split(',') {
+            assert!(
+                advertised.contains(&format!("//{broker}")),
+                "{name}: {broker} is not a listener the broker advertises ({advertised})"
+            );
+        }
+        assert!(!topics.is_empty(), "{name} streams no Kafka topic");
+        for topic in topics {
+            let kafka_topic = topic.split_once('=').map_or(topic.as_str(), |(k, _)| k);
+            assert!(
+                created_topics(&create).contains(kafka_topic),
+                "{name} streams {kafka_topic}, which kafka-topics does not create"
+            );
+        }
+    }
+    assert_eq!(kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"], "false");
 }
 
 // ----- nginx -----
