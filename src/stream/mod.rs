@@ -16,9 +16,12 @@ pub mod body;
 pub mod cors;
 pub mod limits;
 pub mod request;
+pub mod sniff;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
@@ -27,11 +30,12 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,6 +45,7 @@ use crate::hub::{ClientMeta, Hub};
 use crate::lifecycle::Lifecycle;
 use body::SseBody;
 use limits::{Admission, StreamLimits};
+use sniff::Protocol;
 
 /// The stream plane's own settings.
 #[derive(Debug, Clone)]
@@ -92,23 +97,36 @@ pub type StreamResponse = Response<Either<SseBody, Full<Bytes>>>;
 /// hyper's smallest accepted buffer cap.
 const MIN_BUF_SIZE: usize = 8192;
 
+/// hyper's connection builders, one per protocol ([`sniff`] tells which).
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(options: &StreamOptions) -> Self {
+        let mut h1 = http1::Builder::new();
+        // hyper's HTTP/1.1 buffer cap bounds both the request head it will
+        // read and the frames it queues for writing (by reference); a
+        // smaller cap than its ~400 KiB default bounds what a stalled client
+        // can pin.
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout)
+            .max_buf_size(options.max_header_size.max(MIN_BUF_SIZE));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(options.h2_max_streams)
+            .max_header_list_size(u32::try_from(options.max_header_size).unwrap_or(u32::MAX));
+        Builders {
+            http1: h1,
+            http2: h2,
+        }
+    }
+}
+
 /// Serves streams on `listener` until the lifecycle stops.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions, life: Lifecycle) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's HTTP/1.1 buffer cap bounds both the request head it will read
-    // and the frames it queues for writing (by reference); a smaller cap
-    // than its ~400 KiB default bounds what a stalled client can pin.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_size.max(MIN_BUF_SIZE));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(options.h2_max_streams)
-        .max_header_list_size(u32::try_from(options.max_header_size).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(Builders::new(&options));
     let limits = Arc::new(StreamLimits::new(&options));
     let options = Arc::new(options);
     loop {
@@ -173,7 +191,7 @@ struct Plane {
 /// after the first response (`Connection: close`), anything else when the
 /// deadline passes.
 async fn refuse(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     stream: TcpStream,
     error: ApiError,
     header_read_timeout: Duration,
@@ -195,13 +213,25 @@ async fn refuse(
             .map(Either::<SseBody, _>::Right);
         async move { Ok::<_, Infallible>(res) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let served = async {
+        match sniff::sniff(&stream).await {
+            Ok(Protocol::Http1) => {
+                let io = TokioIo::new(stream);
+                let _ = builder.http1.serve_connection(io, service).await;
+            }
+            Ok(Protocol::Http2) => {
+                let io = TokioIo::new(stream);
+                let _ = builder.http2.serve_connection(io, service).await;
+            }
+            Err(_) => {}
+        }
+    };
     let deadline = header_read_timeout + Duration::from_secs(1);
-    let _ = tokio::time::timeout(deadline, conn).await;
+    let _ = tokio::time::timeout(deadline, served).await;
 }
 
 async fn connection(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     stream: TcpStream,
     remote: SocketAddr,
     plane: Plane,
@@ -209,6 +239,21 @@ async fn connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let options = plane.options.clone();
+    // hyper's header timeout starts once it knows the protocol, and HTTP/2
+    // has none: a connection that has not completed a request by then
+    // (silent, or trickling bytes) is dropped here.
+    let request_deadline = Instant::now() + options.header_read_timeout;
+    let protocol = tokio::select! {
+        sniffed = sniff::sniff(&stream) => match sniffed {
+            Ok(protocol) => protocol,
+            Err(_) => return,
+        },
+        _ = tokio::time::sleep_until(request_deadline) => {
+            tracing::debug!("no request within the header read timeout; closing");
+            return;
+        }
+        _ = life.stopped() => return,
+    };
     // Cancelled when the gateway ends this connection's HTTP/1 stream.
     let ended = CancellationToken::new();
     // Set once the client has sent a request.
@@ -222,49 +267,93 @@ async fn connection(
             async move { Ok::<_, Infallible>(handle(req, remote, &plane, &ended).await) }
         })
     };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let drain = async {
-        life.draining().await;
-        // A connection that has not sent a request yet is served until the
-        // gateway stops, so its request gets the 503 with Retry-After:
-        // shutting it down now would close it before hyper read the request.
-        if !spoken.load(Relaxed) {
-            life.stopped().await;
-        }
+    let io = TokioIo::new(stream);
+    let watch = Watch {
+        life: &life,
+        ended: &ended,
+        spoken: &spoken,
+        request_deadline,
+        write_timeout: options.write_timeout,
     };
-    // hyper's header timeout starts once it knows the protocol, and HTTP/2
-    // has none: a connection that has not completed a request within the
-    // header read timeout (silent, or trickling bytes) is dropped here.
-    let silent = async {
-        tokio::time::sleep(options.header_read_timeout).await;
-        if spoken.load(Relaxed) {
-            std::future::pending::<()>().await;
+    match protocol {
+        Protocol::Http1 => {
+            let conn = builder.http1.serve_connection(io, service);
+            watch.drive(conn, |c| c.graceful_shutdown()).await;
         }
-    };
-    let draining = tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = ended.cancelled() => false,
-        _ = drain => true,
-        _ = silent => {
-            tracing::debug!("no request within the header read timeout; closing");
-            return;
+        Protocol::Http2 => {
+            // Boxed: HTTP/2 connections are few (each carries many streams),
+            // and inline its state would grow every HTTP/1 connection's task.
+            let conn = Box::pin(builder.http2.serve_connection(io, service));
+            watch
+                .drive(conn, |c| c.get_mut().as_mut().graceful_shutdown())
+                .await;
         }
-    };
-    // Finish the response in flight (its body ends with a close notice),
-    // then close. A client that stopped reading is dropped after the write
-    // timeout, or when the gateway stops (shutdown already gave it that long).
-    conn.as_mut().graceful_shutdown();
-    let give_up = async {
-        if draining {
-            life.stopped().await;
-        } else {
-            tokio::time::sleep(options.write_timeout).await;
+    }
+}
+
+/// What ends a served connection besides the client: the gateway ending
+/// its HTTP/1 stream, the drain, and the request deadline.
+struct Watch<'a> {
+    life: &'a Lifecycle,
+    ended: &'a CancellationToken,
+    spoken: &'a AtomicBool,
+    request_deadline: Instant,
+    write_timeout: Duration,
+}
+
+impl Watch<'_> {
+    /// Serves `conn` until it ends, or until the gateway ends it: then
+    /// `graceful` asks hyper to finish the response in flight and close.
+    async fn drive<C: Future>(self, conn: C, graceful: impl FnOnce(Pin<&mut C>)) {
+        let Watch {
+            life,
+            ended,
+            spoken,
+            request_deadline,
+            write_timeout,
+        } = self;
+        tokio::pin!(conn);
+        let drain = async {
+            life.draining().await;
+            // A connection that has not sent a request yet is served until
+            // the gateway stops, so its request gets the 503 with
+            // Retry-After: shutting it down now would close it before hyper
+            // read the request.
+            if !spoken.load(Relaxed) {
+                life.stopped().await;
+            }
+        };
+        let silent = async {
+            tokio::time::sleep_until(request_deadline).await;
+            if spoken.load(Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
+        let draining = tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = ended.cancelled() => false,
+            _ = drain => true,
+            _ = silent => {
+                tracing::debug!("no request within the header read timeout; closing");
+                return;
+            }
+        };
+        // Finish the response in flight (its body ends with a close
+        // notice), then close. A client that stopped reading is dropped
+        // after the write timeout, or when the gateway stops (shutdown
+        // already gave it that long).
+        graceful(conn.as_mut());
+        let give_up = async {
+            if draining {
+                life.stopped().await;
+            } else {
+                tokio::time::sleep(write_timeout).await;
+            }
+        };
+        tokio::select! {
+            _ = conn => {},
+            _ = give_up => tracing::debug!("dropping a connection that did not close in time"),
         }
-    };
-    tokio::select! {
-        _ = conn => {},
-        _ = give_up => tracing::debug!("dropping a connection that did not close in time"),
     }
 }
 
