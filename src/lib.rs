@@ -177,19 +177,8 @@ impl Gateway {
             credentials,
         } = self;
         let life = Lifecycle::with_tracker(shutdown, tracker.clone());
-        tracing::info!(
-            control_addr = %control.local_addr().map_or(c.control_addr, |a| a),
-            stream_addr = %stream.local_addr().map_or(c.stream_addr, |a| a),
-            replica = %replica,
-            backend = hub.bus().map_or("memory", |bus| bus.name()),
-            "streamline listening"
-        );
-        auth::log_posture(
-            credentials.jwt.is_some(),
-            credentials.control_token.is_some(),
-            stream.local_addr().unwrap_or(c.stream_addr),
-            control.local_addr().unwrap_or(c.control_addr),
-        );
+        let control_addr = control.local_addr().unwrap_or(c.control_addr);
+        let stream_addr = stream.local_addr().unwrap_or(c.stream_addr);
         let mut metrics = metrics::Metrics::new(hub.clone());
         if let Some(bus) = &kafka {
             bus.spawn(&life);
@@ -218,7 +207,7 @@ impl Gateway {
             life: life.clone(),
             metrics: Arc::new(metrics),
             cluster,
-            replica,
+            replica: replica.clone(),
             access: Arc::new(control::auth::Access::new(
                 &credentials,
                 client_ip::TrustedProxies::new(c.trusted_proxy.clone()),
@@ -226,18 +215,27 @@ impl Gateway {
             )),
         };
         let router = control::router(state, c.max_body);
-        let control_life = life.clone();
-        tracker.spawn(async move {
-            if let Err(e) = control::serve(control, router, control_life).await {
-                tracing::error!(error = %e, "control plane failed");
-            }
-        });
+        control::spawn_dedicated(control, router, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
         if c.demo {
             tracker.spawn(demo::run(hub.clone(), life.clone()));
         }
 
+        // Logged once both planes are serving (tests wait for this line).
+        tracing::info!(
+            control_addr = %control_addr,
+            stream_addr = %stream_addr,
+            replica = %replica,
+            backend = hub.bus().map_or("memory", |bus| bus.name()),
+            "streamline listening"
+        );
+        auth::log_posture(
+            credentials.jwt.is_some(),
+            credentials.control_token.is_some(),
+            stream_addr,
+            control_addr,
+        );
         life.shutdown_requested().await;
         lifecycle::shut_down(&life, &hub, c.timings()).await;
     }

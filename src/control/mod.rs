@@ -97,6 +97,48 @@ pub fn router(state: ControlState, max_body: usize) -> Router {
         .with_state(state)
 }
 
+/// Serves the control plane on a thread of its own (a current-thread tokio
+/// runtime), tracked by the lifecycle like any task, until it stops.
+///
+/// Why not a task beside the streams: one event to a topic with thousands
+/// of subscribers wakes thousands of stream tasks at once, and a `PATCH`
+/// queued behind them in the runtime's run queue waits for the whole
+/// fan-out, so publishers (and probes) slow down exactly when the gateway
+/// is busiest. On its own thread, the OS scheduler serves it at once.
+pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
+    let tracker = life.tracker().clone();
+    let served = tracker.track_future(async move {
+        // Re-registered with this thread's runtime, which then does all
+        // of the control plane's I/O.
+        let listener = match listener.into_std().and_then(TcpListener::from_std) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "control plane failed");
+                return;
+            }
+        };
+        if let Err(e) = serve(listener, router, life).await {
+            tracing::error!(error = %e, "control plane failed");
+        }
+    });
+    let span = tracing::Span::current();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("streamline-control")
+        .build();
+    let spawned = runtime.and_then(|runtime| {
+        std::thread::Builder::new()
+            .name("streamline-control".into())
+            .spawn(move || {
+                let _span = span.entered();
+                runtime.block_on(served);
+            })
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the control plane thread");
+    }
+}
+
 /// Serves the control plane until the lifecycle stops; requests in flight
 /// then finish before this returns.
 pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
