@@ -20,10 +20,25 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Every stream is a socket: take the whole hard limit on open files (the
+/// soft limit is often 1,024), as a server of many connections should.
+fn raise_open_files_limit(max_clients: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_clients as u64 => tracing::warn!(
+            open_files = limit,
+            max_clients,
+            "the open-files limit is below --max-clients; raise it (ulimit -n, LimitNOFILE)"
+        ),
+        Ok(limit) => tracing::debug!(open_files = limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
+    raise_open_files_limit(config.max_clients);
     let shutdown = CancellationToken::new();
     if let Err(e) = streamline::lifecycle::spawn_signal_handler(shutdown.clone()) {
         tracing::error!(error = %e, "cannot install signal handlers");
