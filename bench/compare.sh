@@ -121,8 +121,9 @@ for peer in $peers; do
     streamline)
       # Limits through the environment (a setting this build lacks is then
       # ignored): room for every stream, no per-client-address limits (all
-      # streams come from 127.0.0.x), a quick stop.
-      RUST_LOG=warn STREAMLINE_MAX_CLIENTS=$((subs + 100)) STREAMLINE_MAX_CONNECTIONS=$((subs + 100)) \
+      # streams come from 127.0.0.x; no publish rate limit: the publishers
+      # share one address), a quick stop.
+      RUST_LOG=warn STREAMLINE_MAX_CLIENTS=$((subs + 100)) STREAMLINE_MAX_CONNECTIONS=$((subs + 100)) STREAMLINE_PUBLISH_RATE=0 \
         STREAMLINE_MAX_STREAMS_PER_IP=0 STREAMLINE_MAX_CONN_RATE_PER_IP=0 \
         STREAMLINE_SHUTDOWN_DELAY=0s STREAMLINE_DRAIN_WINDOW=1s \
         "$gateway" --stream-addr "127.0.0.1:$sub" --control-addr "127.0.0.1:$pub" > "$log" 2>&1 &
