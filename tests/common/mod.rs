@@ -102,20 +102,7 @@ impl TestGateway {
 
     /// PATCHes `body` and returns the ids; panics unless the answer is 202.
     pub async fn publish(&self, body: Value) -> Vec<String> {
-        let res = http()
-            .patch(self.control_url("/events"))
-            .json(&body)
-            .send()
-            .await
-            .expect("PATCH /events");
-        assert_eq!(res.status(), 202, "PATCH {body}");
-        let v: Value = res.json().await.expect("JSON reply");
-        v["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|i| i.as_str().unwrap().to_owned())
-            .collect()
+        publish_to(&http(), self.control, &body).await
     }
 
     /// Publishes one event with string data and returns its id.
@@ -565,7 +552,7 @@ pub fn position(id: &str) -> (u64, u64) {
 }
 
 /// PATCHes `body` to the control plane at `control` and returns the ids;
-/// panics unless the answer is 202 (for gateways other than [`TestGateway`]).
+/// panics unless the answer is 202.
 pub async fn publish_to(
     client: &reqwest::Client,
     control: SocketAddr,
@@ -577,7 +564,7 @@ pub async fn publish_to(
         .send()
         .await
         .expect("PATCH /events");
-    assert_eq!(res.status(), 202, "PATCH /events");
+    assert_eq!(res.status(), 202, "PATCH {body}");
     let v: Value = res.json().await.expect("JSON reply");
     v["ids"]
         .as_array()
