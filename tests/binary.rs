@@ -146,14 +146,7 @@ async fn ten_thousand_connections_leave_no_threads_memory_or_clients_behind() {
     );
 
     // Every one of them was counted in and out.
-    let metrics = http()
-        .get(gw.control_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&gw.control_url("/metrics")).await;
     for name in [
         "streamline_connections_opened_total 11000",
         "streamline_connections_closed_total 11000",

@@ -126,14 +126,7 @@ async fn records_reach_streams_in_partition_order_with_their_ids() {
         "a multi-partition stream carries the cursor over its partitions"
     );
 
-    let metrics = http()
-        .get(gw.control_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&gw.control_url("/metrics")).await;
     assert!(metrics.contains(r#"streamline_kafka_records_skipped_total{topic="one"} 1"#));
     assert!(metrics.contains(r#"streamline_kafka_records_consumed_total{topic="many"} 30"#));
     // Lag is measured every 5 s: nothing is left behind.

@@ -506,6 +506,20 @@ pub async fn get_json(url: &str) -> Value {
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
+/// GETs `url` and returns its body as text (`/metrics`, say); panics unless
+/// the answer is 200.
+pub async fn get_text(url: &str) -> String {
+    let res = http()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(res.status(), 200, "GET {url}");
+    res.text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// Checks that `res` carries the JSON error body `{"error": code, "detail": …}`
 /// and returns the detail.
 pub async fn expect_api_error(res: reqwest::Response, status: u16, code: &str) -> String {
