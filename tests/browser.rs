@@ -152,6 +152,18 @@ async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
 }
 
 /// Serves `html` at `/` on a fresh loopback port (an origin of its own).
+/// The text of the operators' page's list entry for event `id`, once shown.
+async fn received_item(page: &Page<'_>, id: &str) -> Value {
+    page.wait_for(
+        "the event on the page's list",
+        &format!(
+            "(li => li && li.textContent)(document.querySelector('#received li[data-id={}]'))",
+            json!(id)
+        ),
+    )
+    .await
+}
+
 async fn page_server(listener: tokio::net::TcpListener, html: String) {
     let app = axum::Router::new().route(
         "/",
@@ -242,15 +254,7 @@ async fn the_operators_page_publishes_watches_and_kicks() {
         )
         .await;
     let id = status.as_str().unwrap()["published ".len()..].to_owned();
-    let item = page
-        .wait_for(
-            "the event on the page's list",
-            &format!(
-                "(li => li && li.textContent)(document.querySelector('#received li[data-id={}]'))",
-                json!(id)
-            ),
-        )
-        .await;
+    let item = received_item(&page, &id).await;
     assert_eq!(item, json!(format!("{id} ping from the page")));
     page.wait_for(
         "an events/s figure",
@@ -319,14 +323,6 @@ async fn the_operators_page_reaches_another_stream_origin_with_cors() {
     )
     .await;
     let id = gw.publish_one("operator-test", "across origins").await;
-    let item = page
-        .wait_for(
-            "the event on the page's list",
-            &format!(
-                "(li => li && li.textContent)(document.querySelector('#received li[data-id={}]'))",
-                json!(id)
-            ),
-        )
-        .await;
+    let item = received_item(&page, &id).await;
     assert_eq!(item, json!(format!("{id} across origins")));
 }

@@ -493,15 +493,22 @@ pub fn http2() -> reqwest::Client {
         .unwrap()
 }
 
-/// GETs `url` and returns its JSON body; panics unless the answer is 200.
-pub async fn get_json(url: &str) -> Value {
+/// GETs `url`; panics unless the answer is 200.
+async fn get_ok(url: &str) -> reqwest::Response {
     let res = http()
         .get(url)
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     assert_eq!(res.status(), 200, "GET {url}");
-    res.json()
+    res
+}
+
+/// GETs `url` and returns its JSON body; panics unless the answer is 200.
+pub async fn get_json(url: &str) -> Value {
+    get_ok(url)
+        .await
+        .json()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
@@ -509,13 +516,9 @@ pub async fn get_json(url: &str) -> Value {
 /// GETs `url` and returns its body as text (`/metrics`, say); panics unless
 /// the answer is 200.
 pub async fn get_text(url: &str) -> String {
-    let res = http()
-        .get(url)
-        .send()
+    get_ok(url)
         .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    assert_eq!(res.status(), 200, "GET {url}");
-    res.text()
+        .text()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
