@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod body;
 pub mod cors;
+pub mod http1;
 pub mod limits;
 pub mod request;
 pub mod sniff;
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -92,20 +93,22 @@ impl Default for StreamOptions {
     }
 }
 
-pub type StreamResponse = Response<Either<SseBody, Full<Bytes>>>;
+/// A stream (HTTP/1.1: handed over to [`http1::Pump`]) or an answer.
+pub type StreamBody = Either<SseBody, Full<Bytes>>;
+pub type StreamResponse = Response<StreamBody>;
 
 /// hyper's smallest accepted buffer cap.
 const MIN_BUF_SIZE: usize = 8192;
 
 /// hyper's connection builders, one per protocol ([`sniff`] tells which).
 struct Builders {
-    http1: http1::Builder,
+    http1: hyper::server::conn::http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new(options: &StreamOptions) -> Self {
-        let mut h1 = http1::Builder::new();
+        let mut h1 = hyper::server::conn::http1::Builder::new();
         // hyper's HTTP/1.1 buffer cap bounds both the request head it will
         // read and the frames it queues for writing (by reference); a
         // smaller cap than its ~400 KiB default bounds what a stalled client
@@ -256,55 +259,94 @@ async fn connection(
     };
     // Cancelled when the gateway ends this connection's HTTP/1 stream.
     let ended = CancellationToken::new();
-    // Set once the client has sent a request.
-    let spoken = Arc::new(AtomicBool::new(false));
-    let service = {
-        let ended = ended.clone();
-        let spoken = spoken.clone();
-        service_fn(move |req| {
-            spoken.store(true, Relaxed);
-            let (plane, ended) = (plane.clone(), ended.clone());
-            async move { Ok::<_, Infallible>(handle(req, remote, &plane, &ended).await) }
-        })
-    };
     let io = TokioIo::new(stream);
     let watch = Watch {
         life: &life,
         ended: &ended,
-        spoken: &spoken,
+        spoken: None,
         request_deadline,
         write_timeout: options.write_timeout,
     };
     match protocol {
         Protocol::Http1 => {
+            let handover = Arc::new(http1::Handover::default());
+            let service = {
+                let (ended, handover) = (ended.clone(), handover.clone());
+                service_fn(move |req: Request<Incoming>| {
+                    handover.spoken.store(true, Relaxed);
+                    let (plane, ended, handover) = (plane.clone(), ended.clone(), handover.clone());
+                    async move {
+                        let version = req.version();
+                        let res = handle(req, remote, &plane, &ended).await;
+                        match handover.offer(res, version) {
+                            Some(res) => Ok::<_, Infallible>(res),
+                            // The connection's task takes the socket from
+                            // hyper before polling this again.
+                            None => std::future::pending().await,
+                        }
+                    }
+                })
+            };
             let conn = builder.http1.serve_connection(io, service);
-            watch.drive(conn, |c| c.graceful_shutdown()).await;
+            let served = http1::Served::new(conn, handover.clone());
+            let pump = Watch {
+                spoken: Some(&handover.spoken),
+                ..watch
+            }
+            .drive(served, |s| s.get_mut().graceful_shutdown())
+            .await;
+            drop(handover);
+            if let Some(Some(pump)) = pump {
+                // The stream ends itself (drain, kill, expiry) with a
+                // notice; the watch bounds how long that write may take.
+                watch.drive(pump, |_| {}).await;
+            }
         }
         Protocol::Http2 => {
+            // Set once the client has sent a request.
+            let spoken = Arc::new(AtomicBool::new(false));
+            let service = {
+                let (ended, spoken) = (ended.clone(), spoken.clone());
+                service_fn(move |req| {
+                    spoken.store(true, Relaxed);
+                    let (plane, ended) = (plane.clone(), ended.clone());
+                    async move { Ok::<_, Infallible>(handle(req, remote, &plane, &ended).await) }
+                })
+            };
             // Boxed: HTTP/2 connections are few (each carries many streams),
             // and inline its state would grow every HTTP/1 connection's task.
             let conn = Box::pin(builder.http2.serve_connection(io, service));
-            watch
-                .drive(conn, |c| c.get_mut().as_mut().graceful_shutdown())
-                .await;
+            Watch {
+                spoken: Some(&spoken),
+                ..watch
+            }
+            .drive(conn, |c| c.get_mut().as_mut().graceful_shutdown())
+            .await;
         }
     }
 }
 
 /// What ends a served connection besides the client: the gateway ending
 /// its HTTP/1 stream, the drain, and the request deadline.
+#[derive(Clone, Copy)]
 struct Watch<'a> {
     life: &'a Lifecycle,
     ended: &'a CancellationToken,
-    spoken: &'a AtomicBool,
+    /// Set once the client has sent a request; `None`: it has.
+    spoken: Option<&'a AtomicBool>,
     request_deadline: Instant,
     write_timeout: Duration,
 }
 
 impl Watch<'_> {
-    /// Serves `conn` until it ends, or until the gateway ends it: then
-    /// `graceful` asks hyper to finish the response in flight and close.
-    async fn drive<C: Future>(self, conn: C, graceful: impl FnOnce(Pin<&mut C>)) {
+    /// Serves `conn` until it ends (its output), or until the gateway ends
+    /// it: then `graceful` asks hyper to finish the response in flight and
+    /// close, and `conn` gets until the deadline (`None` if it misses it).
+    async fn drive<C: Future>(
+        self,
+        conn: C,
+        graceful: impl FnOnce(Pin<&mut C>),
+    ) -> Option<C::Output> {
         let Watch {
             life,
             ended,
@@ -312,6 +354,7 @@ impl Watch<'_> {
             request_deadline,
             write_timeout,
         } = self;
+        let spoken = || spoken.is_none_or(|s| s.load(Relaxed));
         tokio::pin!(conn);
         let drain = async {
             life.draining().await;
@@ -319,23 +362,23 @@ impl Watch<'_> {
             // the gateway stops, so its request gets the 503 with
             // Retry-After: shutting it down now would close it before hyper
             // read the request.
-            if !spoken.load(Relaxed) {
+            if !spoken() {
                 life.stopped().await;
             }
         };
         let silent = async {
             tokio::time::sleep_until(request_deadline).await;
-            if spoken.load(Relaxed) {
+            if spoken() {
                 std::future::pending::<()>().await;
             }
         };
         let draining = tokio::select! {
-            _ = conn.as_mut() => return,
+            out = conn.as_mut() => return Some(out),
             _ = ended.cancelled() => false,
             _ = drain => true,
             _ = silent => {
                 tracing::debug!("no request within the header read timeout; closing");
-                return;
+                return None;
             }
         };
         // Finish the response in flight (its body ends with a close
@@ -351,8 +394,11 @@ impl Watch<'_> {
             }
         };
         tokio::select! {
-            _ = conn => {},
-            _ = give_up => tracing::debug!("dropping a connection that did not close in time"),
+            out = conn => Some(out),
+            _ = give_up => {
+                tracing::debug!("dropping a connection that did not close in time");
+                None
+            }
         }
     }
 }

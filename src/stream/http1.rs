@@ -1,0 +1,391 @@
+//! HTTP/1.1 streams once their request has been read.
+//!
+//! hyper reads and checks every HTTP/1.1 request and answers every one that
+//! does not open a stream. A stream's response is not given back to hyper:
+//! the service hands it over ([`Handover`]), the socket is taken out of the
+//! connection ([`http1::Connection::into_parts`]) and [`Pump`] writes the head
+//! and the chunked body itself. hyper keeps two 8 KiB buffers for the life of
+//! a connection (the one it reads requests into and the one it writes heads
+//! into); for a stream that never sends another request they were most of
+//! what it held. A pumped stream holds its socket, its subscription and the
+//! frames being written (see PERFORMANCE.md).
+//!
+//! The pump writes the frames that are ready in one vectored write, as
+//! hyper did, and stops polling the subscription while a write is pending:
+//! a client that stops reading holds no more than its socket buffers, and
+//! the hub's slow-client policy sees it fall behind.
+
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Response, Version};
+use http_body::Body;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::StreamResponse;
+use super::body::SseBody;
+
+/// Most frames taken from the subscription for one write.
+const MAX_BATCH: usize = 32;
+/// hex digits of a `usize` and CRLF.
+const MAX_SIZE_LINE: usize = 18;
+const CRLF: Bytes = Bytes::from_static(b"\r\n");
+const LAST_CHUNK: Bytes = Bytes::from_static(b"0\r\n\r\n");
+
+/// What a connection's service shares with the task serving it.
+#[derive(Default)]
+pub struct Handover {
+    /// Set once the client has sent a request.
+    pub spoken: AtomicBool,
+    stream: Mutex<Option<Stream>>,
+}
+
+impl Handover {
+    /// Keeps the stream of `res` to be written by a [`Pump`] (and returns
+    /// `None`), or returns `res` for hyper to write.
+    pub fn offer(&self, res: StreamResponse, version: Version) -> Option<StreamResponse> {
+        let (parts, body) = res.into_parts();
+        match body {
+            Either::Left(body) => {
+                let chunked = version >= Version::HTTP_11;
+                let head = encode_head(&parts, chunked);
+                *self.lock() = Some(Stream {
+                    head,
+                    body,
+                    chunked,
+                });
+                None
+            }
+            Either::Right(full) => Some(Response::from_parts(parts, Either::Right(full))),
+        }
+    }
+
+    fn take(&self) -> Option<Stream> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
+        // Only this connection's task touches it, never across an await.
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A stream's response, as the service handed it over.
+pub struct Stream {
+    head: Bytes,
+    body: SseBody,
+    chunked: bool,
+}
+
+/// The response head, written once per stream.
+fn encode_head(parts: &http::response::Parts, chunked: bool) -> Bytes {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    // An HTTP/1.0 client reads the body until the connection closes.
+    head.extend_from_slice(if chunked {
+        b"transfer-encoding: chunked\r\n"
+    } else {
+        b"connection: close\r\n"
+    });
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    Bytes::from(head)
+}
+
+type Connection<S> = http1::Connection<TokioIo<TcpStream>, S>;
+
+/// A hyper HTTP/1.1 connection until its service hands a stream over; then
+/// the socket and the stream. Boxed: hyper's state (and its buffers) go
+/// away at the hand-over instead of sitting in the task for its life.
+pub struct Served<S: HttpService<Incoming>> {
+    conn: Option<Box<Connection<S>>>,
+    handover: std::sync::Arc<Handover>,
+}
+
+impl<S> Served<S>
+where
+    S: HttpService<Incoming, ResBody = super::StreamBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn new(conn: Connection<S>, handover: std::sync::Arc<Handover>) -> Self {
+        Served {
+            conn: Some(Box::new(conn)),
+            handover,
+        }
+    }
+
+    /// Asks hyper to close after the response in flight.
+    pub fn graceful_shutdown(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            Pin::new(&mut **conn).graceful_shutdown();
+        }
+    }
+}
+
+impl<S> Future for Served<S>
+where
+    S: HttpService<Incoming, ResBody = super::StreamBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// The socket and its stream; `None` when hyper finished the connection.
+    type Output = Option<Pump>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if Pin::new(&mut **conn).poll(cx).is_ready() {
+            this.conn = None;
+            return Poll::Ready(None);
+        }
+        // The service hands over from inside hyper's poll; hyper has
+        // written nothing of that response, so its socket is ours to take.
+        match this.handover.take() {
+            Some(stream) => {
+                let parts = this.conn.take().map(|conn| conn.into_parts());
+                Poll::Ready(parts.map(|parts| Pump::new(parts.io.into_inner(), stream)))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Writes one stream's response to its socket until the stream ends or the
+/// client goes away.
+pub struct Pump {
+    socket: TcpStream,
+    body: SseBody,
+    chunked: bool,
+    out: Outbox,
+    /// The body has ended: what is queued is the last of it.
+    ended: bool,
+}
+
+impl Pump {
+    fn new(socket: TcpStream, stream: Stream) -> Self {
+        let mut out = Outbox::default();
+        out.bufs.push_back(stream.head);
+        Pump {
+            socket,
+            body: stream.body,
+            chunked: stream.chunked,
+            out,
+            ended: false,
+        }
+    }
+
+    /// True once the client has closed its side (or reset it). Whatever it
+    /// sends after its request is read and dropped.
+    fn peer_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut scratch = [0u8; 64];
+        for _ in 0..8 {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.socket).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Pending => return false,
+            }
+        }
+        // A chatty client: look again on the next turn, not in a loop.
+        cx.waker().wake_by_ref();
+        false
+    }
+
+    /// Queues the frames the subscription has ready, as one chunk.
+    fn refill(&mut self, cx: &mut Context<'_>) {
+        let mut len = 0;
+        while self.out.bufs.len() < MAX_BATCH {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        len += data.len();
+                        self.out.bufs.push_back(data);
+                    }
+                }
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.chunked {
+            if len > 0 {
+                self.out.size_line(len);
+                self.out.bufs.push_back(CRLF);
+            }
+            if self.ended {
+                self.out.bufs.push_back(LAST_CHUNK);
+            }
+        }
+    }
+}
+
+impl Future for Pump {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.peer_closed(cx) {
+            return Poll::Ready(());
+        }
+        loop {
+            if !this.out.is_empty() {
+                match ready!(this.out.poll_write(&mut this.socket, cx)) {
+                    Ok(()) => continue,
+                    Err(_) => return Poll::Ready(()),
+                }
+            }
+            if this.ended {
+                let _ = ready!(Pin::new(&mut this.socket).poll_shutdown(cx));
+                return Poll::Ready(());
+            }
+            this.refill(cx);
+            if this.out.is_empty() && !this.ended {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Bytes queued for the socket: a chunk-size line, then shared buffers
+/// (frames, chunk ends, the response head), written front first.
+#[derive(Default)]
+struct Outbox {
+    size_line: [u8; MAX_SIZE_LINE],
+    /// The unwritten part of `size_line`.
+    line: std::ops::Range<usize>,
+    bufs: std::collections::VecDeque<Bytes>,
+    /// How much of the front buffer is written.
+    front: usize,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.line.is_empty() && self.bufs.is_empty()
+    }
+
+    /// Starts a chunk of `len` bytes (only on an empty outbox).
+    fn size_line(&mut self, len: usize) {
+        use std::io::Write;
+        debug_assert!(self.line.is_empty());
+        let mut rest = &mut self.size_line[..];
+        // Cannot fail: 16 hex digits and CRLF fit.
+        let _ = write!(rest, "{len:X}\r\n");
+        let rest = rest.len();
+        self.line = 0..MAX_SIZE_LINE - rest;
+    }
+
+    /// Writes as much as the socket takes in one vectored write.
+    fn poll_write(
+        &mut self,
+        socket: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let mut slices = [IoSlice::new(&[]); MAX_BATCH + 4];
+        let mut n = 0;
+        if !self.line.is_empty() {
+            slices[0] = IoSlice::new(&self.size_line[self.line.clone()]);
+            n = 1;
+        }
+        for (i, buf) in self.bufs.iter().enumerate() {
+            if n == slices.len() {
+                break;
+            }
+            let from = if i == 0 { self.front } else { 0 };
+            slices[n] = IoSlice::new(&buf[from..]);
+            n += 1;
+        }
+        let mut written = ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices[..n]))?;
+        if written == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        let line = written.min(self.line.len());
+        self.line.start += line;
+        written -= line;
+        while written > 0 {
+            let Some(front) = self.bufs.front() else {
+                break;
+            };
+            let left = front.len() - self.front;
+            if written < left {
+                self.front += written;
+                break;
+            }
+            written -= left;
+            self.front = 0;
+            self.bufs.pop_front();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size_line(len: usize) -> Vec<u8> {
+        let mut out = Outbox::default();
+        out.size_line(len);
+        out.size_line[out.line].to_vec()
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        assert_eq!(size_line(1), b"1\r\n");
+        assert_eq!(size_line(0xab), b"AB\r\n");
+        assert_eq!(size_line(4096), b"1000\r\n");
+        assert_eq!(size_line(usize::MAX), b"FFFFFFFFFFFFFFFF\r\n");
+    }
+
+    #[test]
+    fn heads_say_how_the_body_ends() {
+        let res = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(())
+            .unwrap();
+        let (parts, ()) = res.into_parts();
+        let chunked = String::from_utf8(encode_head(&parts, true).to_vec()).unwrap();
+        assert!(chunked.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"));
+        assert!(chunked.contains("\r\ntransfer-encoding: chunked\r\n"));
+        assert!(chunked.contains("\r\ndate: "));
+        assert!(chunked.ends_with("\r\n\r\n"));
+        let closed = String::from_utf8(encode_head(&parts, false).to_vec()).unwrap();
+        assert!(closed.contains("\r\nconnection: close\r\n"));
+        assert!(!closed.contains("transfer-encoding"));
+    }
+}
