@@ -472,3 +472,146 @@ async fn a_client_that_disconnects_is_removed_at_once() {
     let id = gw.publish_one("t", "x").await;
     assert_eq!(stays.next_event().await.unwrap().id, Some(id));
 }
+
+/// Reads from `sock` into `buf` until `done(buf)` holds; fails after [`WAIT`].
+async fn read_until(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    use tokio::io::AsyncReadExt;
+    while !done(buf) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, sock.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("timed out; got {:?}", String::from_utf8_lossy(buf)))
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed early; got {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start().await;
+    let mut sock = tokio::net::TcpStream::connect(gw.stream).await.unwrap();
+    sock.write_all(b"GET /stream?topic=old HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+
+    let id = gw.publish_one("old", "plain").await;
+    // No chunk framing: the event's lines follow each other as sent.
+    let event = format!("\nid: {id}\ndata: plain\n\n");
+    read_until(&mut sock, &mut got, |b| contains(b, &event)).await;
+
+    // Ended by the gateway: the close notice, then the connection closes.
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let client = text
+        .split(": client ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    let res = http()
+        .delete(gw.control_url(&format!("/clients/{client}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("event: streamline.close"), "{rest}");
+    assert!(rest.ends_with("\n\n"), "{rest:?}");
+}
+
+#[tokio::test]
+async fn a_chunked_stream_ends_with_the_last_chunk_and_a_close() {
+    use tokio::io::AsyncReadExt;
+    let gw = TestGateway::start().await;
+    let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=fin", None).await;
+    let mut got = Vec::new();
+    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(
+        text.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{text}"
+    );
+    let client = text
+        .split(": client ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    let res = http()
+        .delete(gw.control_url(&format!("/clients/{client}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("event: streamline.close"), "{rest}");
+    assert!(rest.ends_with("\r\n0\r\n\r\n"), "{rest:?}");
+}
+
+#[tokio::test]
+async fn bytes_after_the_request_are_ignored_and_a_half_close_ends_the_stream() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start().await;
+    let mut watcher = SseClient::connect(&gw.stream_url("topic=chat")).await;
+    watcher.client_id().await;
+    let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=chat", None).await;
+    let mut got = Vec::new();
+    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    gw.wait_clients(2).await;
+
+    // A pipelined request and some noise: a stream has no next request.
+    sock.write_all(b"GET /stream?topic=other HTTP/1.1\r\nHost: x\r\n\r\nnoise")
+        .await
+        .unwrap();
+    let first = gw.publish_one("chat", "still streaming").await;
+    read_until(&mut sock, &mut got, |b| {
+        contains(b, &format!("id: {first}\n"))
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&got).matches("HTTP/1.1").count(),
+        1,
+        "one response"
+    );
+
+    // The client closes its side: the gateway ends the stream, and only it.
+    sock.shutdown().await.unwrap();
+    gw.wait_clients(1).await;
+    let second = gw.publish_one("chat", "for the watcher").await;
+    let ids: Vec<_> = watcher.events(2).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, [Some(first), Some(second)]);
+}
