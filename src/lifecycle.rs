@@ -66,6 +66,18 @@ impl Lifecycle {
         self.drain.cancelled().await
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// A token of one connection's own, cancelled when the drain begins or
+    /// when cancelled itself. A connection's task waits on this and not on
+    /// the drain: the drain's token is shared by every connection, and each
+    /// poll of it takes its locks, on every wake-up of every stream.
+    pub fn connection_token(&self) -> CancellationToken {
+        self.drain.child_token()
+    }
+
     /// Phase 3: stop listening.
     pub fn stop(&self) {
         self.drain.cancel();

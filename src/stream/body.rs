@@ -1,8 +1,9 @@
 //! The response body of a stream: an `http_body::Body` that polls its
 //! [`Subscription`] directly, so a stream costs no task, queue or timer of its
-//! own. hyper polls it whenever the connection can take more bytes and queues
-//! several frames into one vectored write; a client that stops reading stops
-//! being polled and so holds no more than its socket buffers.
+//! own. Its writer ([`super::http1::Pump`] for HTTP/1.1, hyper for HTTP/2)
+//! polls it whenever the connection can take more bytes and writes the
+//! frames it has by then in one vectored write; a client that stops reading
+//! stops being polled and so holds no more than its socket buffers.
 
 use std::convert::Infallible;
 use std::pin::Pin;

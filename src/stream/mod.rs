@@ -1,9 +1,14 @@
-//! The stream plane: a raw hyper 1.x server (HTTP/1.1 and h2c, detected per
-//! connection by hyper-util's auto builder) that serves only SSE streams.
+//! The stream plane: a raw hyper 1.x server (HTTP/1.1 and h2c, told apart
+//! per connection by [`sniff`]) that serves only SSE streams.
 //!
-//! Each accepted connection runs on one tracked task. A stream's response
-//! body reads straight from the hub ([`body::SseBody`]), so an open stream is
-//! the connection's task and a few hundred bytes of state.
+//! Each accepted connection runs on one tracked task. hyper reads and
+//! checks every request and writes every answer but a stream's: an
+//! HTTP/1.1 stream is handed over to [`http1::Pump`], which writes it on the
+//! socket hyper gives back (hyper's per-connection buffers would otherwise
+//! be most of an idle stream's memory); an HTTP/2 stream stays with hyper.
+//! Either way the response body reads straight from the hub
+//! ([`body::SseBody`]), so an open stream is the connection's task and a
+//! few hundred bytes of state.
 //!
 //! Who may open a stream is checked in [`auth`] (a JWT, when configured);
 //! how many connections and streams a client may have, in [`limits`].
@@ -146,7 +151,7 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions,
             _ = life.stopped() => break,
         };
         // Events are small and latency matters more than packet count;
-        // hyper already coalesces queued frames into one write.
+        // the frames queued by the time a write starts go out in one.
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("conn", %remote);
         match limits.admit(remote.ip()) {
@@ -257,8 +262,9 @@ async fn connection(
         }
         _ = life.stopped() => return,
     };
-    // Cancelled when the gateway ends this connection's HTTP/1 stream.
-    let ended = CancellationToken::new();
+    // Cancelled when the gateway ends this connection's HTTP/1 stream, and
+    // when the drain begins.
+    let ended = life.connection_token();
     let io = TokioIo::new(stream);
     let watch = Watch {
         life: &life,
@@ -327,7 +333,9 @@ async fn connection(
 }
 
 /// What ends a served connection besides the client: the gateway ending
-/// its HTTP/1 stream, the drain, and the request deadline.
+/// its HTTP/1 stream, the drain, and the request deadline. Polled on every
+/// wake-up of the connection's task, so nothing here is shared with other
+/// connections.
 #[derive(Clone, Copy)]
 struct Watch<'a> {
     life: &'a Lifecycle,
@@ -354,19 +362,27 @@ impl Watch<'_> {
             request_deadline,
             write_timeout,
         } = self;
+        let read_request = spoken.is_none();
         let spoken = || spoken.is_none_or(|s| s.load(Relaxed));
         tokio::pin!(conn);
-        let drain = async {
-            life.draining().await;
+        // The gateway ends the connection's stream, or the drain begins.
+        let ending = async {
+            ended.cancelled().await;
+            let draining = life.is_draining();
             // A connection that has not sent a request yet is served until
             // the gateway stops, so its request gets the 503 with
             // Retry-After: shutting it down now would close it before hyper
             // read the request.
-            if !spoken() {
+            if draining && !spoken() {
                 life.stopped().await;
             }
+            draining
         };
         let silent = async {
+            if read_request {
+                // Not a timer polled on every wake-up of a stream.
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep_until(request_deadline).await;
             if spoken() {
                 std::future::pending::<()>().await;
@@ -374,8 +390,7 @@ impl Watch<'_> {
         };
         let draining = tokio::select! {
             out = conn.as_mut() => return Some(out),
-            _ = ended.cancelled() => false,
-            _ = drain => true,
+            draining = ending => draining,
             _ = silent => {
                 tracing::debug!("no request within the header read timeout; closing");
                 return None;
