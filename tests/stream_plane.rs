@@ -512,7 +512,7 @@ async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
     let mut got = Vec::new();
     read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
     let head = String::from_utf8_lossy(&got).to_lowercase();
-    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.starts_with("http/1.0 200 ok\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
     assert!(!head.contains("transfer-encoding"), "{head}");
     assert!(head.contains("\r\ndate: "), "{head}");
@@ -614,4 +614,50 @@ async fn bytes_after_the_request_are_ignored_and_a_half_close_ends_the_stream() 
     let second = gw.publish_one("chat", "for the watcher").await;
     let ids: Vec<_> = watcher.events(2).await.into_iter().map(|e| e.id).collect();
     assert_eq!(ids, [Some(first), Some(second)]);
+}
+
+#[tokio::test]
+async fn a_stream_on_a_reused_connection_follows_the_answers_before_it() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start_with(&["--cors-allow-origin", "http://app.example"]).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.stream).await.unwrap();
+    // A preflight, a refused stream and a stream, pipelined in one write:
+    // three answers, in order, on one connection.
+    sock.write_all(
+        b"OPTIONS /stream?topic=r HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n\
+          Access-Control-Request-Method: GET\r\n\r\n\
+          GET /stream?topic=bad%20name HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /stream?topic=r HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &text[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["204", "400", "200"], "{text}");
+    assert!(text.contains("invalid_topic"), "{text}");
+    let id = gw.publish_one("r", "third answer").await;
+    read_until(&mut sock, &mut got, |b| contains(b, &format!("id: {id}\n"))).await;
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_sending_on_its_stream_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start().await;
+    let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=noisy", None).await;
+    let mut got = Vec::new();
+    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    gw.wait_clients(1).await;
+    // Far more than any pipelined request: nothing is ever answered.
+    let noise = vec![b'x'; 256 * 1024];
+    let _ = sock.write_all(&noise).await;
+    gw.wait_clients(0).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
 }

@@ -14,16 +14,20 @@
 //! hyper did, and stops polling the subscription while a write is pending:
 //! a client that stops reading holds no more than its socket buffers, and
 //! the hub's slow-client policy sees it fall behind.
+//!
+//! Only a connection's first request is handed over: after an earlier
+//! response hyper may still hold some of its bytes, and a stream opened on
+//! a reused connection stays with hyper.
 
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{Response, Version};
 use http_body::Body;
 use http_body_util::Either;
@@ -39,6 +43,9 @@ use super::body::SseBody;
 
 /// Most frames taken from the subscription for one write.
 const MAX_BATCH: usize = 32;
+/// Bytes a client may send after its stream request (a pipelined request
+/// is never answered) before the stream is ended.
+const MAX_UNREAD: usize = 64 * 1024;
 /// hex digits of a `usize` and CRLF.
 const MAX_SIZE_LINE: usize = 18;
 const CRLF: Bytes = Bytes::from_static(b"\r\n");
@@ -53,12 +60,23 @@ pub struct Handover {
 }
 
 impl Handover {
+    /// Notes that a request arrived; true for the connection's first.
+    pub fn first_request(&self) -> bool {
+        !self.spoken.swap(true, Relaxed)
+    }
+
     /// Keeps the stream of `res` to be written by a [`Pump`] (and returns
-    /// `None`), or returns `res` for hyper to write.
-    pub fn offer(&self, res: StreamResponse, version: Version) -> Option<StreamResponse> {
+    /// `None`), or returns `res` for hyper to write: anything but a stream,
+    /// and a stream that is not the connection's `first` request.
+    pub fn offer(
+        &self,
+        res: StreamResponse,
+        version: Version,
+        first: bool,
+    ) -> Option<StreamResponse> {
         let (parts, body) = res.into_parts();
         match body {
-            Either::Left(body) => {
+            Either::Left(body) if first => {
                 let chunked = version >= Version::HTTP_11;
                 let head = encode_head(&parts, chunked);
                 *self.lock() = Some(Stream {
@@ -68,7 +86,7 @@ impl Handover {
                 });
                 None
             }
-            Either::Right(full) => Some(Response::from_parts(parts, Either::Right(full))),
+            body => Some(Response::from_parts(parts, body)),
         }
     }
 
@@ -89,10 +107,12 @@ pub struct Stream {
     chunked: bool,
 }
 
-/// The response head, written once per stream.
+/// The response head, written once per stream. The connection closes when
+/// the stream ends, and the head says so.
 fn encode_head(parts: &http::response::Parts, chunked: bool) -> Bytes {
     let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 ");
+    // As hyper answers: in the request's version.
+    head.extend_from_slice(if chunked { b"HTTP/1.1 " } else { b"HTTP/1.0 " });
     head.extend_from_slice(parts.status.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(
@@ -110,11 +130,10 @@ fn encode_head(parts: &http::response::Parts, chunked: bool) -> Bytes {
         head.extend_from_slice(b"\r\n");
     }
     // An HTTP/1.0 client reads the body until the connection closes.
-    head.extend_from_slice(if chunked {
-        b"transfer-encoding: chunked\r\n"
-    } else {
-        b"connection: close\r\n"
-    });
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n");
     head.extend_from_slice(b"date: ");
     head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
     head.extend_from_slice(b"\r\n\r\n");
@@ -168,8 +187,9 @@ where
             this.conn = None;
             return Poll::Ready(None);
         }
-        // The service hands over from inside hyper's poll; hyper has
-        // written nothing of that response, so its socket is ours to take.
+        // The service hands over from inside hyper's poll, only for the
+        // connection's first request: hyper has written nothing on it yet,
+        // so its socket is ours to take.
         match this.handover.take() {
             Some(stream) => {
                 let parts = this.conn.take().map(|conn| conn.into_parts());
@@ -189,37 +209,44 @@ pub struct Pump {
     out: Outbox,
     /// The body has ended: what is queued is the last of it.
     ended: bool,
+    /// Bytes the client has sent since its request.
+    unread: usize,
 }
 
 impl Pump {
     fn new(socket: TcpStream, stream: Stream) -> Self {
-        let mut out = Outbox::default();
-        out.bufs.push_back(stream.head);
         Pump {
             socket,
             body: stream.body,
             chunked: stream.chunked,
-            out,
+            out: Outbox {
+                head: stream.head,
+                ..Outbox::default()
+            },
             ended: false,
+            unread: 0,
         }
     }
 
-    /// True once the client has closed its side (or reset it). Whatever it
-    /// sends after its request is read and dropped.
-    fn peer_closed(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut scratch = [0u8; 64];
-        for _ in 0..8 {
+    /// True once the client has closed its side (or reset it), or sent more
+    /// than [`MAX_UNREAD`] bytes after its request; those are dropped.
+    fn peer_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut scratch = [0u8; 1024];
+        loop {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut self.socket).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
-                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Ok(())) => {
+                    self.unread += buf.filled().len();
+                    if self.unread > MAX_UNREAD {
+                        tracing::debug!("client keeps sending on its stream; closing");
+                        return true;
+                    }
+                }
                 Poll::Ready(Err(_)) => return true,
                 Poll::Pending => return false,
             }
         }
-        // A chatty client: look again on the next turn, not in a loop.
-        cx.waker().wake_by_ref();
-        false
     }
 
     /// Queues the frames the subscription has ready, as one chunk.
@@ -260,8 +287,12 @@ impl Future for Pump {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        if this.peer_closed(cx) {
+        if this.peer_gone(cx) {
             return Poll::Ready(());
+        }
+        if !this.out.head.is_empty() && this.out.bufs.is_empty() && !this.ended {
+            // The preamble is waiting: one write with the head.
+            this.refill(cx);
         }
         loop {
             if !this.out.is_empty() {
@@ -282,10 +313,12 @@ impl Future for Pump {
     }
 }
 
-/// Bytes queued for the socket: a chunk-size line, then shared buffers
-/// (frames, chunk ends, the response head), written front first.
+/// Bytes queued for the socket, written in this order: the response head
+/// (until written), a chunk-size line, then shared buffers (frames, chunk
+/// ends).
 #[derive(Default)]
 struct Outbox {
+    head: Bytes,
     size_line: [u8; MAX_SIZE_LINE],
     /// The unwritten part of `size_line`.
     line: std::ops::Range<usize>,
@@ -296,10 +329,11 @@ struct Outbox {
 
 impl Outbox {
     fn is_empty(&self) -> bool {
-        self.line.is_empty() && self.bufs.is_empty()
+        self.head.is_empty() && self.line.is_empty() && self.bufs.is_empty()
     }
 
-    /// Starts a chunk of `len` bytes (only on an empty outbox).
+    /// Starts a chunk of `len` bytes: the frames just queued, once the
+    /// last chunk is written.
     fn size_line(&mut self, len: usize) {
         use std::io::Write;
         debug_assert!(self.line.is_empty());
@@ -316,11 +350,15 @@ impl Outbox {
         socket: &mut TcpStream,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let mut slices = [IoSlice::new(&[]); MAX_BATCH + 4];
+        let mut slices = [IoSlice::new(&[]); MAX_BATCH + 5];
         let mut n = 0;
+        if !self.head.is_empty() {
+            slices[n] = IoSlice::new(&self.head);
+            n += 1;
+        }
         if !self.line.is_empty() {
-            slices[0] = IoSlice::new(&self.size_line[self.line.clone()]);
-            n = 1;
+            slices[n] = IoSlice::new(&self.size_line[self.line.clone()]);
+            n += 1;
         }
         for (i, buf) in self.bufs.iter().enumerate() {
             if n == slices.len() {
@@ -334,6 +372,9 @@ impl Outbox {
         if written == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
+        let head = written.min(self.head.len());
+        self.head.advance(head);
+        written -= head;
         let line = written.min(self.line.len());
         self.line.start += line;
         written -= line;
@@ -382,9 +423,11 @@ mod tests {
         let chunked = String::from_utf8(encode_head(&parts, true).to_vec()).unwrap();
         assert!(chunked.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"));
         assert!(chunked.contains("\r\ntransfer-encoding: chunked\r\n"));
+        assert!(chunked.contains("\r\nconnection: close\r\n"));
         assert!(chunked.contains("\r\ndate: "));
         assert!(chunked.ends_with("\r\n\r\n"));
         let closed = String::from_utf8(encode_head(&parts, false).to_vec()).unwrap();
+        assert!(closed.starts_with("HTTP/1.0 200 OK\r\n"));
         assert!(closed.contains("\r\nconnection: close\r\n"));
         assert!(!closed.contains("transfer-encoding"));
     }

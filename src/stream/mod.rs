@@ -279,12 +279,12 @@ async fn connection(
             let service = {
                 let (ended, handover) = (ended.clone(), handover.clone());
                 service_fn(move |req: Request<Incoming>| {
-                    handover.spoken.store(true, Relaxed);
+                    let first = handover.first_request();
                     let (plane, ended, handover) = (plane.clone(), ended.clone(), handover.clone());
                     async move {
                         let version = req.version();
                         let res = handle(req, remote, &plane, &ended).await;
-                        match handover.offer(res, version) {
+                        match handover.offer(res, version, first) {
                             Some(res) => Ok::<_, Infallible>(res),
                             // The connection's task takes the socket from
                             // hyper before polling this again.
