@@ -244,7 +244,7 @@ async fn connection(
     remote: SocketAddr,
     plane: Plane,
     life: Lifecycle,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let options = plane.options.clone();
     // hyper's header timeout starts once it knows the protocol, and HTTP/2
@@ -266,10 +266,10 @@ async fn connection(
     // when the drain begins.
     let ended = life.connection_token();
     let io = TokioIo::new(stream);
-    let watch = Watch {
+    let watch = |spoken| Watch {
         life: &life,
         ended: &ended,
-        spoken: None,
+        spoken,
         request_deadline,
         write_timeout: options.write_timeout,
     };
@@ -295,17 +295,14 @@ async fn connection(
             };
             let conn = builder.http1.serve_connection(io, service);
             let served = http1::Served::new(conn, handover.clone());
-            let pump = Watch {
-                spoken: Some(&handover.spoken),
-                ..watch
-            }
-            .drive(served, |s| s.get_mut().graceful_shutdown())
-            .await;
+            let pump = watch(&handover.spoken)
+                .drive(served, |s| s.get_mut().graceful_shutdown())
+                .await;
             drop(handover);
             if let Some(Some(pump)) = pump {
-                // The stream ends itself (drain, kill, expiry) with a
-                // notice; the watch bounds how long that write may take.
-                watch.drive(pump, |_| {}).await;
+                let task = pumped(pump, life.clone(), ended, options.write_timeout, permit);
+                life.tracker()
+                    .spawn(task.instrument(tracing::Span::current()));
             }
         }
         Protocol::Http2 => {
@@ -322,13 +319,42 @@ async fn connection(
             // Boxed: HTTP/2 connections are few (each carries many streams),
             // and inline its state would grow every HTTP/1 connection's task.
             let conn = Box::pin(builder.http2.serve_connection(io, service));
-            Watch {
-                spoken: Some(&spoken),
-                ..watch
-            }
-            .drive(conn, |c| c.get_mut().as_mut().graceful_shutdown())
-            .await;
+            watch(&spoken)
+                .drive(conn, |c| c.get_mut().as_mut().graceful_shutdown())
+                .await;
         }
+    }
+}
+
+/// An HTTP/1.1 stream after the hand-over, on a task of its own: the
+/// connection's task, sized for hyper's connection and the request's
+/// futures, ends there (the task is most of an idle stream's memory once
+/// hyper's buffers are gone). The same watch as [`Watch::drive`], without
+/// what only a request needs.
+async fn pumped(
+    pump: http1::Pump,
+    life: Lifecycle,
+    ended: CancellationToken,
+    write_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    tokio::pin!(pump);
+    // The stream ends itself (drain, kill, expiry, slow) with a notice;
+    // once the gateway has ended it, that write is bounded.
+    let draining = tokio::select! {
+        _ = &mut pump => return,
+        _ = ended.cancelled() => life.is_draining(),
+    };
+    let gave_up = if draining {
+        tokio::select! {
+            _ = pump => false,
+            _ = life.stopped() => true,
+        }
+    } else {
+        tokio::time::timeout(write_timeout, pump).await.is_err()
+    };
+    if gave_up {
+        tracing::debug!("dropping a connection that did not close in time");
     }
 }
 
@@ -336,12 +362,10 @@ async fn connection(
 /// its HTTP/1 stream, the drain, and the request deadline. Polled on every
 /// wake-up of the connection's task, so nothing here is shared with other
 /// connections.
-#[derive(Clone, Copy)]
 struct Watch<'a> {
     life: &'a Lifecycle,
     ended: &'a CancellationToken,
-    /// Set once the client has sent a request; `None`: it has.
-    spoken: Option<&'a AtomicBool>,
+    spoken: &'a AtomicBool,
     request_deadline: Instant,
     write_timeout: Duration,
 }
@@ -362,8 +386,7 @@ impl Watch<'_> {
             request_deadline,
             write_timeout,
         } = self;
-        let read_request = spoken.is_none();
-        let spoken = || spoken.is_none_or(|s| s.load(Relaxed));
+        let spoken = || spoken.load(Relaxed);
         tokio::pin!(conn);
         // The gateway ends the connection's stream, or the drain begins.
         let ending = async {
@@ -379,10 +402,6 @@ impl Watch<'_> {
             draining
         };
         let silent = async {
-            if read_request {
-                // Not a timer polled on every wake-up of a stream.
-                std::future::pending::<()>().await;
-            }
             tokio::time::sleep_until(request_deadline).await;
             if spoken() {
                 std::future::pending::<()>().await;
