@@ -347,7 +347,7 @@ impl Outbox {
     /// Writes as much as the socket takes in one vectored write.
     fn poll_write(
         &mut self,
-        socket: &mut TcpStream,
+        socket: &mut (impl AsyncWrite + Unpin),
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
         let mut slices = [IoSlice::new(&[]); MAX_BATCH + 5];
@@ -403,6 +403,51 @@ mod tests {
         let mut out = Outbox::default();
         out.size_line(len);
         out.size_line[out.line].to_vec()
+    }
+
+    /// Writes everything queued in `out` through a pipe that takes at most
+    /// `room` bytes at a time (and one buffer per write), reading the other
+    /// end as it goes.
+    async fn drain(out: &mut Outbox, room: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let (mut tx, mut rx) = tokio::io::duplex(room);
+        let mut got = Vec::new();
+        while !out.is_empty() {
+            std::future::poll_fn(|cx| out.poll_write(&mut tx, cx))
+                .await
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let n = rx.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(tx);
+        rx.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn partial_writes_lose_and_repeat_nothing(
+            head in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            frames in proptest::collection::vec(
+                proptest::collection::vec(proptest::num::u8::ANY, 1..50), 1..MAX_BATCH),
+            room in 1usize..20,
+        ) {
+            let mut out = Outbox { head: Bytes::from(head.clone()), ..Outbox::default() };
+            let len = frames.iter().map(Vec::len).sum();
+            out.size_line(len);
+            for f in &frames {
+                out.bufs.push_back(Bytes::from(f.clone()));
+            }
+            out.bufs.push_back(CRLF);
+            let mut want = head;
+            want.extend_from_slice(format!("{len:X}\r\n").as_bytes());
+            want.extend(frames.concat());
+            want.extend_from_slice(b"\r\n");
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let got = rt.block_on(drain(&mut out, room));
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]
