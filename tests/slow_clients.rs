@@ -231,10 +231,12 @@ async fn memory_stays_bounded(policy: &str) {
         "{policy}: RSS before {before} KiB, peak {peak} KiB (+{} KiB)",
         peak - before
     );
-    // Measured here (debug build, 2 cores): RSS about 16 MiB before and
-    // +1.1 to +1.7 MiB at the peak, under either policy. What may grow is
+    // Measured here (debug build, 2 cores): RSS about 24 MiB before and
+    // +2.9 to +3.1 MiB at the peak, under either policy (the same with
+    // hyper writing HTTP/1.1 streams, before the pump). What may grow is
     // bounded: 2,000 retained events of ~150 bytes, and per stalled
-    // connection at most hyper's 64 KiB write buffer (6.4 MiB for 100).
+    // connection at most the 32 frames its pump holds (by reference to the
+    // ring's shared frames).
     // The bound, +32 MiB, leaves ample headroom for allocator slack, yet a
     // per-client queue of the backlog (100 x 15 MB) would blow it at once.
     let bound = before + 32 * 1024;
