@@ -495,6 +495,34 @@ async fn read_until(
     }
 }
 
+/// Ends the stream whose preamble is in `got` with `DELETE /clients/{id}`
+/// and reads what the gateway sends until it closes the connection.
+async fn kick_and_read_rest(
+    gw: &TestGateway,
+    sock: &mut tokio::net::TcpStream,
+    got: &[u8],
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let text = String::from_utf8_lossy(got);
+    let client = text
+        .split(": client ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .expect("a preamble with the client id");
+    let res = http()
+        .delete(gw.control_url(&format!("/clients/{client}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -503,7 +531,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 #[tokio::test]
 async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let gw = TestGateway::start().await;
     let mut sock = tokio::net::TcpStream::connect(gw.stream).await.unwrap();
     sock.write_all(b"GET /stream?topic=old HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -523,33 +551,13 @@ async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
     read_until(&mut sock, &mut got, |b| contains(b, &event)).await;
 
     // Ended by the gateway: the close notice, then the connection closes.
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let client = text
-        .split(": client ")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap();
-    let res = http()
-        .delete(gw.control_url(&format!("/clients/{client}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
-        .await
-        .expect("closed in time")
-        .unwrap();
-    let rest = String::from_utf8_lossy(&rest);
+    let rest = kick_and_read_rest(&gw, &mut sock, &got).await;
     assert!(rest.contains("event: streamline.close"), "{rest}");
     assert!(rest.ends_with("\n\n"), "{rest:?}");
 }
 
 #[tokio::test]
 async fn a_chunked_stream_ends_with_the_last_chunk_and_a_close() {
-    use tokio::io::AsyncReadExt;
     let gw = TestGateway::start().await;
     let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=fin", None).await;
     let mut got = Vec::new();
@@ -559,25 +567,7 @@ async fn a_chunked_stream_ends_with_the_last_chunk_and_a_close() {
         text.contains("\r\ntransfer-encoding: chunked\r\n"),
         "{text}"
     );
-    let client = text
-        .split(": client ")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap();
-    let res = http()
-        .delete(gw.control_url(&format!("/clients/{client}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
-        .await
-        .expect("closed in time")
-        .unwrap();
-    let rest = String::from_utf8_lossy(&rest);
+    let rest = kick_and_read_rest(&gw, &mut sock, &got).await;
     assert!(rest.contains("event: streamline.close"), "{rest}");
     assert!(rest.ends_with("\r\n0\r\n\r\n"), "{rest:?}");
 }

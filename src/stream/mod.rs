@@ -345,16 +345,31 @@ async fn pumped(
         _ = &mut pump => return,
         _ = ended.cancelled() => life.is_draining(),
     };
-    let gave_up = if draining {
-        tokio::select! {
-            _ = pump => false,
-            _ = life.stopped() => true,
+    finish(pump, &life, draining, write_timeout).await;
+}
+
+/// Lets `conn`, which the gateway has ended, finish its last writes: until
+/// the gateway stops when `draining` (shutdown already gave it that long),
+/// else for `write_timeout`. `None` if it did not make it in time.
+async fn finish<C: Future>(
+    conn: C,
+    life: &Lifecycle,
+    draining: bool,
+    write_timeout: Duration,
+) -> Option<C::Output> {
+    let give_up = async {
+        if draining {
+            life.stopped().await;
+        } else {
+            tokio::time::sleep(write_timeout).await;
         }
-    } else {
-        tokio::time::timeout(write_timeout, pump).await.is_err()
     };
-    if gave_up {
-        tracing::debug!("dropping a connection that did not close in time");
+    tokio::select! {
+        out = conn => Some(out),
+        _ = give_up => {
+            tracing::debug!("dropping a connection that did not close in time");
+            None
+        }
     }
 }
 
@@ -416,24 +431,9 @@ impl Watch<'_> {
             }
         };
         // Finish the response in flight (its body ends with a close
-        // notice), then close. A client that stopped reading is dropped
-        // after the write timeout, or when the gateway stops (shutdown
-        // already gave it that long).
+        // notice), then close.
         graceful(conn.as_mut());
-        let give_up = async {
-            if draining {
-                life.stopped().await;
-            } else {
-                tokio::time::sleep(write_timeout).await;
-            }
-        };
-        tokio::select! {
-            out = conn => Some(out),
-            _ = give_up => {
-                tracing::debug!("dropping a connection that did not close in time");
-                None
-            }
-        }
+        finish(conn, life, draining, write_timeout).await
     }
 }
 
