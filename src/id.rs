@@ -28,6 +28,15 @@ impl Position {
     pub const fn new(hi: u64, lo: u64) -> Self {
         Position { hi, lo }
     }
+
+    /// The event id `topic:hi-lo`, in one allocation of the right size.
+    pub fn id_in(self, topic: &str) -> String {
+        use fmt::Write;
+        // Two u64s in decimal and the separators: at most 20 + 1 + 20 + 1.
+        let mut id = String::with_capacity(topic.len() + 42);
+        write!(id, "{topic}:{self}").expect("writing to a String cannot fail");
+        id
+    }
 }
 
 impl fmt::Display for Position {
@@ -154,6 +163,18 @@ mod tests {
         assert_eq!(c.get("a"), Some(Position::new(1, 2)));
         assert_eq!(c.get("b.c_d-e"), Some(Position::new(3, 4)));
         assert_eq!(c.to_string(), "a:1-2,b.c_d-e:3-4");
+    }
+
+    #[test]
+    fn ids_name_topic_and_position() {
+        let id = Position::new(u64::MAX, u64::MAX).id_in("chat");
+        assert_eq!(id, format!("chat:{}-{}", u64::MAX, u64::MAX));
+        assert!(
+            id.len() <= "chat".len() + 42,
+            "the longest id fits what is reserved"
+        );
+        let c = Cursor::parse(&Position::new(3, 9).id_in("a.b")).unwrap();
+        assert_eq!(c.get("a.b"), Some(Position::new(3, 9)));
     }
 
     #[test]

@@ -17,9 +17,10 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, RawQuery, State};
 use axum::handler::Handler;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use serde_json::json;
@@ -284,31 +285,32 @@ async fn metrics(State(s): State<Shared>) -> Response {
 async fn patch_events(
     State(s): State<Shared>,
     caller: Option<Extension<auth::Caller>>,
-    headers: HeaderMap,
+    json: Result<JsonContent, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
     let caller = caller.map_or(auth::Caller::Anyone, |Extension(c)| c);
-    let result = publish(&s, &caller, &headers, body).await;
+    let result = match json {
+        Ok(JsonContent) => publish(&s, &caller, body).await,
+        Err(e) => Err(e),
+    };
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
     result
 }
 
+/// `PATCH /events`'s answer.
+#[derive(serde::Serialize)]
+struct Published {
+    ids: Vec<String>,
+}
+
 async fn publish(
     s: &ControlState,
     caller: &auth::Caller,
-    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if !is_json(headers.get(header::CONTENT_TYPE)) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the events as Content-Type: application/json",
-        ));
-    }
     let body = body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -327,7 +329,27 @@ async fn publish(
         }
         e => e.into(),
     })?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
+}
+
+/// A request whose `Content-Type` is JSON. Checked on the head, by
+/// reference, before the body is read.
+struct JsonContent;
+
+impl<S: Sync> FromRequestParts<S> for JsonContent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        if is_json(parts.headers.get(header::CONTENT_TYPE)) {
+            Ok(JsonContent)
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the events as Content-Type: application/json",
+            ))
+        }
+    }
 }
 
 fn is_json(content_type: Option<&HeaderValue>) -> bool {

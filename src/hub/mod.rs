@@ -281,15 +281,14 @@ impl Hub {
         data: &str,
     ) -> Result<String, HubError> {
         let t = self.topic_or_create(topic)?;
+        let mut id = String::new();
         let appended = self.append(&t, |_| {
             let pos = Position::new(self.epoch, self.seq.fetch_add(1, Relaxed) + 1);
-            Some((
-                pos,
-                sse::encode_event(&format!("{topic}:{pos}"), event, data),
-            ))
+            id = pos.id_in(topic);
+            Some((pos, sse::encode_event(&id, event, data)))
         });
-        let pos = appended.expect("a local publish always appends");
-        Ok(format!("{topic}:{pos}"))
+        debug_assert!(appended.is_some(), "a local publish always appends");
+        Ok(id)
     }
 
     /// Publishes a checked batch, all or nothing: through the bus when there
@@ -313,9 +312,8 @@ impl Hub {
         let Some(t) = self.get_topic(ring) else {
             return false;
         };
-        let id = |pos| format!("{}:{pos}", t.name());
         self.append(&t, |head| {
-            (pos > head).then(|| (pos, sse::encode_event(&id(pos), event, data)))
+            (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
         })
         .is_some()
     }
