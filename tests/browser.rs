@@ -151,7 +151,6 @@ async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
     assert_eq!(count(&page, "window.rec.opens").await, 2, "one reconnect");
 }
 
-/// Serves `html` at `/` on a fresh loopback port (an origin of its own).
 /// The text of the operators' page's list entry for event `id`, once shown.
 async fn received_item(page: &Page<'_>, id: &str) -> Value {
     page.wait_for(
@@ -164,6 +163,7 @@ async fn received_item(page: &Page<'_>, id: &str) -> Value {
     .await
 }
 
+/// Serves `html` at `/` on a fresh loopback port (an origin of its own).
 async fn page_server(listener: tokio::net::TcpListener, html: String) {
     let app = axum::Router::new().route(
         "/",

@@ -309,11 +309,7 @@ async fn deleting_a_client_ends_its_stream_with_a_kicked_notice() {
         let id = kicked.client_id().await;
         gw.wait_clients(2).await;
 
-        let res = http()
-            .delete(gw.control_url(&format!("/clients/{id}")))
-            .send()
-            .await
-            .unwrap();
+        let res = delete(&gw.control_url(&format!("/clients/{id}"))).await;
         assert_eq!(res.status(), 204, "{protocol}");
         assert!(res.bytes().await.unwrap().is_empty());
         let rest = kicked.until_end().await;
@@ -329,11 +325,7 @@ async fn deleting_a_client_ends_its_stream_with_a_kicked_notice() {
         );
         gw.wait_clients(1).await;
 
-        let res = http()
-            .delete(gw.control_url(&format!("/clients/{id}")))
-            .send()
-            .await
-            .unwrap();
+        let res = delete(&gw.control_url(&format!("/clients/{id}"))).await;
         expect_api_error(res, 404, "not_found").await;
         let res = http()
             .get(gw.control_url(&format!("/clients/{id}")))

@@ -161,22 +161,14 @@ async fn delete_on_one_replica_ends_a_client_on_another() {
         "the default scope is this replica"
     );
 
-    let res = http()
-        .delete(a.control_url(&format!("/clients/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let res = delete(&a.control_url(&format!("/clients/{id}"))).await;
     assert_eq!(res.status(), 204);
     let last = client.until_end().await;
     let close = last.last().expect("a close notice");
     assert_eq!(close.event, "streamline.close");
     assert_eq!(close.data, r#"{"reason":"kicked"}"#);
 
-    let res = http()
-        .delete(a.control_url("/clients/nobody-1"))
-        .send()
-        .await
-        .unwrap();
+    let res = delete(&a.control_url("/clients/nobody-1")).await;
     expect_api_error(res, 404, "not_found").await;
 }
 

@@ -509,11 +509,7 @@ async fn kick_and_read_rest(
         .nth(1)
         .and_then(|rest| rest.lines().next())
         .expect("a preamble with the client id");
-    let res = http()
-        .delete(gw.control_url(&format!("/clients/{client}")))
-        .send()
-        .await
-        .unwrap();
+    let res = delete(&gw.control_url(&format!("/clients/{client}"))).await;
     assert_eq!(res.status(), 204);
     let mut rest = Vec::new();
     tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
@@ -521,6 +517,14 @@ async fn kick_and_read_rest(
         .expect("closed in time")
         .unwrap();
     String::from_utf8_lossy(&rest).into_owned()
+}
+
+/// Reads a raw stream's response up to and including its preamble (the
+/// `: client <id>` comment).
+async fn read_preamble(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    read_until(sock, &mut got, |b| contains(b, ": client ")).await;
+    got
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -537,8 +541,7 @@ async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
     sock.write_all(b"GET /stream?topic=old HTTP/1.0\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let mut got = read_preamble(&mut sock).await;
     let head = String::from_utf8_lossy(&got).to_lowercase();
     assert!(head.starts_with("http/1.0 200 ok\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
@@ -560,8 +563,7 @@ async fn an_http10_stream_is_close_delimited_and_ends_with_the_connection() {
 async fn a_chunked_stream_ends_with_the_last_chunk_and_a_close() {
     let gw = TestGateway::start().await;
     let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=fin", None).await;
-    let mut got = Vec::new();
-    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let got = read_preamble(&mut sock).await;
     let text = String::from_utf8_lossy(&got).into_owned();
     assert!(
         text.contains("\r\ntransfer-encoding: chunked\r\n"),
@@ -579,8 +581,7 @@ async fn bytes_after_the_request_are_ignored_and_a_half_close_ends_the_stream() 
     let mut watcher = SseClient::connect(&gw.stream_url("topic=chat")).await;
     watcher.client_id().await;
     let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=chat", None).await;
-    let mut got = Vec::new();
-    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let mut got = read_preamble(&mut sock).await;
     gw.wait_clients(2).await;
 
     // A pipelined request and some noise: a stream has no next request.
@@ -621,8 +622,7 @@ async fn a_stream_on_a_reused_connection_follows_the_answers_before_it() {
     )
     .await
     .unwrap();
-    let mut got = Vec::new();
-    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    let mut got = read_preamble(&mut sock).await;
     let text = String::from_utf8_lossy(&got).into_owned();
     let statuses: Vec<&str> = text
         .match_indices("HTTP/1.1 ")
@@ -639,8 +639,7 @@ async fn a_client_that_keeps_sending_on_its_stream_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = TestGateway::start().await;
     let RawStream { stream: mut sock } = RawStream::open(gw.stream, "topic=noisy", None).await;
-    let mut got = Vec::new();
-    read_until(&mut sock, &mut got, |b| contains(b, ": client ")).await;
+    read_preamble(&mut sock).await;
     gw.wait_clients(1).await;
     // Far more than any pipelined request: nothing is ever answered.
     let noise = vec![b'x'; 256 * 1024];

@@ -290,10 +290,7 @@ async fn patch_events(
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
     let caller = caller.map_or(auth::Caller::Anyone, |Extension(c)| c);
-    let result = match json {
-        Ok(JsonContent) => publish(&s, &caller, body).await,
-        Err(e) => Err(e),
-    };
+    let result = publish(&s, &caller, json, body).await;
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
@@ -309,8 +306,10 @@ struct Published {
 async fn publish(
     s: &ControlState,
     caller: &auth::Caller,
+    json: Result<JsonContent, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let JsonContent = json?;
     let body = body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -332,8 +331,8 @@ async fn publish(
     Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
 }
 
-/// A request whose `Content-Type` is JSON. Checked on the head, by
-/// reference, before the body is read.
+/// A request whose `Content-Type` is JSON, checked by reference (the
+/// `HeaderMap` extractor would copy every header to read one).
 struct JsonContent;
 
 impl<S: Sync> FromRequestParts<S> for JsonContent {

@@ -319,7 +319,7 @@ impl Subscription {
                 sub.last = ev.pos;
                 let name = sub.topic.name().clone();
                 let id = if self.subs.len() == 1 {
-                    format!("{name}:{}", ev.pos)
+                    ev.pos.id_in(&name)
                 } else {
                     self.cursor_id()
                 };

@@ -298,7 +298,6 @@ async fn connection(
             let pump = watch(&handover.spoken)
                 .drive(served, |s| s.get_mut().graceful_shutdown())
                 .await;
-            drop(handover);
             if let Some(Some(pump)) = pump {
                 let task = pumped(pump, life.clone(), ended, options.write_timeout, permit);
                 life.tracker()

@@ -523,6 +523,15 @@ pub async fn get_text(url: &str) -> String {
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// DELETEs `url` (a client, say) and returns the answer, whatever it is.
+pub async fn delete(url: &str) -> reqwest::Response {
+    http()
+        .delete(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DELETE {url}: {e}"))
+}
+
 /// Checks that `res` carries the JSON error body `{"error": code, "detail": …}`
 /// and returns the detail.
 pub async fn expect_api_error(res: reqwest::Response, status: u16, code: &str) -> String {

@@ -685,9 +685,7 @@ impl Bus for KafkaBus {
             let mut failure = None;
             for (ev, result) in events.iter().zip(results) {
                 match result {
-                    Ok(Ok(d)) => {
-                        ids.push(format!("{}:{}", ev.topic, position(d.partition, d.offset)))
-                    }
+                    Ok(Ok(d)) => ids.push(position(d.partition, d.offset).id_in(&ev.topic)),
                     Ok(Err((e, _))) => {
                         self.stats.produce_errors.fetch_add(1, Relaxed);
                         if let Some(code) = e.rdkafka_error_code().filter(|c| fenced(*c)) {
