@@ -48,6 +48,9 @@ const MAX_BATCH: usize = 32;
 const MAX_UNREAD: usize = 64 * 1024;
 /// hex digits of a `usize` and CRLF.
 const MAX_SIZE_LINE: usize = 18;
+/// Most slices in one write: the head, a size line, a batch of frames, the
+/// chunk's CRLF and the last chunk.
+const MAX_SLICES: usize = 2 + MAX_BATCH + 2;
 const CRLF: Bytes = Bytes::from_static(b"\r\n");
 const LAST_CHUNK: Bytes = Bytes::from_static(b"0\r\n\r\n");
 
@@ -350,7 +353,7 @@ impl Outbox {
         socket: &mut (impl AsyncWrite + Unpin),
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let mut slices = [IoSlice::new(&[]); MAX_BATCH + 5];
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let mut n = 0;
         if !self.head.is_empty() {
             slices[n] = IoSlice::new(&self.head);
