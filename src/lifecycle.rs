@@ -143,6 +143,7 @@ pub async fn shut_down(life: &Lifecycle, hub: &Arc<Hub>, t: Timings) {
     tracing::info!(
         phase = "stopping",
         remaining = hub.client_count(),
+        drained = hub.totals().drain_closed.load(Relaxed),
         "closing listeners"
     );
     life.stop();

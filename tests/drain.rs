@@ -77,6 +77,14 @@ async fn sigterm_drains_in_phases_and_exits_zero() {
         res.status() == 503
     })
     .await;
+    // The operators' page and Prometheus see the phase.
+    let stats = get_json(&gw.control_url("/stats")).await;
+    assert_eq!(stats["replicas"][0]["phase"], "not_ready", "{stats}");
+    let metrics = get_text(&gw.control_url("/metrics")).await;
+    assert!(
+        metrics.contains("streamline_lifecycle_phase{phase=\"not_ready\"} 1\n"),
+        "{metrics}"
+    );
     let mut late = SseClient::connect(&url).await;
     late.client_id().await;
     streams.push(late);
@@ -132,6 +140,8 @@ async fn sigterm_drains_in_phases_and_exits_zero() {
     assert_eq!(phases, ["not_ready", "draining", "stopping", "stopped"]);
     let draining = lines.iter().find(|l| l["phase"] == "draining").unwrap();
     assert_eq!(draining["streams"], 4);
+    let stopping = lines.iter().find(|l| l["phase"] == "stopping").unwrap();
+    assert_eq!(stopping["drained"], 4, "the drain closed every stream");
     let warnings: Vec<&Value> = lines
         .iter()
         .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
