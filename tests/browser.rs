@@ -489,6 +489,11 @@ async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
         ),
     )
     .await;
+    assert_eq!(
+        page.eval("window.streamlineOps.errors").await,
+        json!([]),
+        "no script error"
+    );
     drop(stalled);
 }
 
@@ -585,4 +590,24 @@ async fn the_operators_page_charts_each_replica_and_kicks_across_them() {
         ),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_shows_why_the_stream_plane_refused_its_stream() {
+    // The origin is allowed (loopback default), but streams need a token.
+    let gw =
+        TestGateway::start_with(&["--jwt-secret", "operators-page-test-secret-32-bytes!"]).await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&gw.control_url("/")).await;
+    let help = page
+        .wait_for(
+            "the page's explanation",
+            "document.getElementById('stream-help').textContent",
+        )
+        .await;
+    let help = help.as_str().unwrap();
+    assert!(
+        help.starts_with("The stream plane answered 401 unauthorized"),
+        "{help}"
+    );
 }
