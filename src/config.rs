@@ -580,6 +580,10 @@ impl Config {
             history_ttl: self.history_ttl,
             max_lag: self.max_lag,
             slow_client_policy: self.slow_client_policy,
+            // Room for the frames of one PATCH of any shape (SSE framing of
+            // tiny events, or of payloads full of line breaks, is at most
+            // about 5x their JSON), so a batch reaches prompt readers whole.
+            pinned_bytes: self.max_body.saturating_mul(8),
             max_clients: self.max_clients,
             max_topics: self.max_topics,
             retry: self.retry,

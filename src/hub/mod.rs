@@ -22,9 +22,10 @@ pub use subscription::{Chunk, Subscription};
 use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason};
-use ring::Topic;
+use ring::{Bounds, Topic};
 
-/// What a stream does when it falls more than `max_lag` events behind.
+/// What a stream does when it falls more than `max_lag` events behind (see
+/// [`ring`] for how lag is measured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowClientPolicy {
@@ -42,6 +43,9 @@ pub struct HubConfig {
     pub history_ttl: Duration,
     pub max_lag: u64,
     pub slow_client_policy: SlowClientPolicy,
+    /// Bytes a ring may keep beyond its history for streams still reading
+    /// them (the hard cap on a batch larger than the history).
+    pub pinned_bytes: usize,
     pub max_clients: usize,
     pub max_topics: usize,
     pub retry: Duration,
@@ -54,6 +58,7 @@ impl Default for HubConfig {
             history_ttl: Duration::from_secs(300),
             max_lag: 500,
             slow_client_policy: SlowClientPolicy::Disconnect,
+            pinned_bytes: 8 << 20,
             max_clients: 20_000,
             max_topics: 100_000,
             retry: Duration::from_secs(2),
@@ -163,6 +168,14 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.config
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            history: self.config.history_size.max(1),
+            ttl: self.config.history_ttl,
+            pinned_bytes: self.config.pinned_bytes,
+        }
     }
 
     /// The `hi` part of this run's positions.
@@ -323,20 +336,15 @@ impl Hub {
         t: &Topic,
         make: impl FnOnce(Position) -> Option<(Position, sse::Frame)>,
     ) -> Option<Position> {
-        let c = &self.config;
-        let (head, pos) = {
+        let (_, pos) = {
             // Held (shared) so a sweep cannot forget the topic mid-publish.
             let _topics = self.read_topics();
-            t.push(make, c.history_size, c.history_ttl)?
+            t.push(make, &self.bounds())?
         };
         self.totals.events_published.fetch_add(1, Relaxed);
-        let lag_limit = (c.slow_client_policy == SlowClientPolicy::Disconnect).then_some(c.max_lag);
-        let slow = t.notify(head, lag_limit);
-        if slow > 0 {
-            self.totals
-                .slow_disconnected
-                .fetch_add(slow as u64, Relaxed);
-        }
+        // Lag is judged by the sampler (`sample_lag`), not here: a burst is
+        // never lag before its readers had an interval to write it.
+        t.notify();
         Some(pos)
     }
 
@@ -494,16 +502,20 @@ impl Hub {
     }
 
     /// Runs the hub's timers until `life` stops: a heartbeat every
-    /// `heartbeat`, and the sweep that expires history and forgets idle
-    /// topics. Whoever serves streams from this hub spawns it once.
+    /// `heartbeat`, the lag sample every [`ring::LAG_SAMPLE`], and the sweep
+    /// that expires history and forgets idle topics. Whoever serves streams
+    /// from this hub spawns it once.
     pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
         const SWEEP_EVERY: Duration = Duration::from_secs(5);
         let start = tokio::time::Instant::now();
         let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
         let mut sweep = tokio::time::interval_at(start + SWEEP_EVERY, SWEEP_EVERY);
+        let mut lag = tokio::time::interval_at(start + ring::LAG_SAMPLE, ring::LAG_SAMPLE);
+        lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = beat.tick() => self.heartbeat(),
+                _ = lag.tick() => self.sample_lag(),
                 _ = sweep.tick() => self.sweep(),
                 _ = life.stopped() => return,
             }
@@ -522,13 +534,30 @@ impl Hub {
         self.heartbeat.load(Relaxed)
     }
 
+    /// Takes a lag sample of every ring: what was published before the
+    /// previous sample and is still unwritten is lag; under `disconnect`
+    /// the streams over `max_lag` are ended here (one that stopped reading
+    /// is never polled, so it cannot notice its own lag). Also re-pins each
+    /// ring for the streams that keep up.
+    pub fn sample_lag(&self) {
+        let c = &self.config;
+        let close = c.slow_client_policy == SlowClientPolicy::Disconnect;
+        let rings: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
+        let slow: usize = rings.iter().map(|t| t.sample(c.max_lag, close)).sum();
+        if slow > 0 {
+            self.totals
+                .slow_disconnected
+                .fetch_add(slow as u64, Relaxed);
+        }
+    }
+
     /// Evicts expired events and forgets local topics that are empty and
     /// unused (a bus forgets its topics itself, via `forget_if_idle`).
     pub fn sweep(&self) {
-        let c = &self.config;
+        let bounds = self.bounds();
         let local = self.bus().is_none();
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        topics.retain(|_, t| !(t.sweep(c.history_size, c.history_ttl) && local));
+        topics.retain(|_, t| !(t.sweep(&bounds) && local));
     }
 
     /// Whether new streams are accepted (false once draining).
