@@ -89,6 +89,8 @@ pub struct Totals {
     pub closed_bytes_sent: AtomicU64,
     pub slow_disconnected: AtomicU64,
     pub slow_skipped: AtomicU64,
+    /// Lag samples taken (see [`Hub::sample_lag`]).
+    pub lag_samples: AtomicU64,
 }
 
 /// One row of `GET /topics`.
@@ -544,6 +546,7 @@ impl Hub {
         let close = c.slow_client_policy == SlowClientPolicy::Disconnect;
         let rings: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
         let slow: usize = rings.iter().map(|t| t.sample(c.max_lag, close)).sum();
+        self.totals.lag_samples.fetch_add(1, Relaxed);
         if slow > 0 {
             self.totals
                 .slow_disconnected

@@ -361,6 +361,15 @@ impl Subscription {
             match reader.rx.poll_recv(cx) {
                 Poll::Pending => return Some(Step::Nothing),
                 Poll::Ready(Some(CatchUp::Events(events))) => reader.buf.extend(events),
+                Poll::Ready(Some(CatchUp::Trimmed(upto))) => {
+                    // The notice, then every event the bus still has.
+                    sub.last = sub.last.max(upto);
+                    let id = self.cursor_id();
+                    let name = self.subs[i].topic.name().clone();
+                    self.pending
+                        .push_back(sse::gap_notice(&id, &name, GapReason::Expired));
+                    return Some(Step::Nothing);
+                }
                 Poll::Ready(Some(CatchUp::Gap)) => {
                     // The bus lost events after the resume point too: the
                     // notice, then what the ring retains, then live.
