@@ -90,11 +90,14 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
 
-    /// How long a retained event stays available for resume.
+    /// How long a retained event stays available for resume (enforced on
+    /// every resume and replay).
     #[arg(long, env = "STREAMLINE_HISTORY_TTL", default_value = "5m", value_parser = duration)]
     pub history_ttl: Duration,
 
-    /// Events a stream may fall behind before the slow-client policy applies.
+    /// Events a stream may fall behind before the slow-client policy applies
+    /// (only events published before the previous one-second lag sample
+    /// count, so a large batch written promptly is not lag).
     #[arg(long, env = "STREAMLINE_MAX_LAG", default_value_t = 500)]
     pub max_lag: u64,
 

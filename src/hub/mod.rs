@@ -5,7 +5,8 @@
 //! Architecture invariants: an event is encoded once, when it is published;
 //! subscribers share its bytes. No lock in the hub is held across an await, and
 //! nothing in it grows without a bound: topics (`max_topics`), events per topic
-//! (`history_size`, `history_ttl`) and clients (`max_clients`) are all capped.
+//! (`history_size`, `history_ttl`, and beyond them at most `pinned_bytes` for
+//! streams still writing a batch) and clients (`max_clients`) are all capped.
 
 mod client;
 mod ring;
