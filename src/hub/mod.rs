@@ -296,6 +296,18 @@ impl Hub {
         event: Option<&str>,
         data: &str,
     ) -> Result<String, HubError> {
+        let (id, t) = self.publish_quietly(topic, event, data)?;
+        t.notify();
+        Ok(id)
+    }
+
+    /// [`publish`](Self::publish) without waking the topic's streams.
+    fn publish_quietly(
+        &self,
+        topic: &str,
+        event: Option<&str>,
+        data: &str,
+    ) -> Result<(String, Arc<Topic>), HubError> {
         let t = self.topic_or_create(topic)?;
         let mut id = String::new();
         let appended = self.append(&t, |_| {
@@ -304,7 +316,7 @@ impl Hub {
             Some((pos, sse::encode_event(&id, event, data)))
         });
         debug_assert!(appended.is_some(), "a local publish always appends");
-        Ok(id)
+        Ok((id, t))
     }
 
     /// Publishes a checked batch, all or nothing: through the bus when there
@@ -314,10 +326,31 @@ impl Hub {
             return Ok(bus.publish(events).await?);
         }
         self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
-        events
-            .iter()
-            .map(|e| self.publish(&e.topic, e.event.as_deref(), &e.data))
-            .collect()
+        // Each topic's streams are woken once, after the whole batch.
+        let mut ids = Vec::with_capacity(events.len());
+        let mut touched: Vec<Arc<Topic>> = Vec::new();
+        let mut failed = None;
+        for e in events {
+            match self.publish_quietly(&e.topic, e.event.as_deref(), &e.data) {
+                Ok((id, t)) => {
+                    ids.push(id);
+                    if !touched.iter().any(|x| Arc::ptr_eq(x, &t)) {
+                        touched.push(t);
+                    }
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        for t in touched {
+            t.notify();
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(ids),
+        }
     }
 
     /// For buses: appends an event the bus delivered, at the bus's position,
@@ -328,10 +361,15 @@ impl Hub {
         let Some(t) = self.get_topic(ring) else {
             return false;
         };
-        self.append(&t, |head| {
-            (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
-        })
-        .is_some()
+        let appended = self
+            .append(&t, |head| {
+                (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
+            })
+            .is_some();
+        if appended {
+            t.notify();
+        }
+        appended
     }
 
     fn append(
@@ -346,8 +384,8 @@ impl Hub {
         };
         self.totals.events_published.fetch_add(1, Relaxed);
         // Lag is judged by the sampler (`sample_lag`), not here: a burst is
-        // never lag before its readers had an interval to write it.
-        t.notify();
+        // never lag before its readers had an interval to write it. The
+        // caller wakes the topic's streams.
         Some(pos)
     }
 
