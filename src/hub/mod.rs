@@ -110,6 +110,8 @@ pub struct Hub {
     client_tag: u32,
     heartbeat: AtomicU64,
     accepting: AtomicBool,
+    /// Whether a resume from another replica or run was logged already.
+    told_unknown_origin: AtomicBool,
     totals: Totals,
     /// The bus events come from, when there is one (else positions are local).
     bus: OnceLock<Arc<dyn Bus>>,
@@ -141,6 +143,7 @@ impl Hub {
             ) as u32,
             heartbeat: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
+            told_unknown_origin: AtomicBool::new(false),
             totals: Totals::default(),
             bus: OnceLock::new(),
             started: Instant::now(),
@@ -168,6 +171,20 @@ impl Hub {
     /// The `hi` part of this run's positions.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// A client resumed from an id this run did not mint, with no bus: it
+    /// came from another replica or an earlier run. Logged once per run, as
+    /// a warning: after a restart that is expected, but clients that keep
+    /// landing on other replicas mean replicas were scaled without a bus.
+    pub(crate) fn note_unknown_origin(&self) {
+        if !self.told_unknown_origin.swap(true, Relaxed) {
+            tracing::warn!(
+                "a client resumed with an event id from another replica or an earlier run; \
+                 without a shared bus (--redis-url or --kafka-brokers) replicas share no \
+                 events, so it missed what was published meanwhile (told once per run)"
+            );
+        }
     }
 
     pub fn totals(&self) -> &Totals {

@@ -134,7 +134,10 @@ fn the_preamble_comes_first_and_names_the_client() {
         Poll::Ready(Some(String::from_utf8(expected.to_vec()).unwrap()))
     );
     let (rest, _) = drain(&mut sub);
-    assert_eq!(events(&rest), [gap(&id(&hub, "a", 1), "a", "unknown")]);
+    assert_eq!(
+        events(&rest),
+        [gap(&id(&hub, "a", 1), "a", "unknown_origin")]
+    );
 }
 
 #[test]
@@ -261,13 +264,13 @@ fn resume_points_inside_before_and_after_the_history() {
         Case {
             name: "an earlier run",
             resume: |e| format!("a:{}-3", e - 1),
-            gap: Some("unknown"),
+            gap: Some("unknown_origin"),
             replayed: &[],
         },
         Case {
             name: "a later run",
             resume: |e| format!("a:{}-0", e + 1),
-            gap: Some("unknown"),
+            gap: Some("unknown_origin"),
             replayed: &[],
         },
         Case {
