@@ -99,8 +99,39 @@ impl Nginx {
         control: &[SocketAddr],
         files: &[(&str, &str)],
     ) -> Nginx {
-        let dir = temp_dir("nginx");
         let port = free_port();
+        let mut files = files.to_vec();
+        let conf = render(SHIPPED, port, stream, control);
+        files.push(("streamline.conf", &conf));
+        Self::launch(port, &files).await
+    }
+
+    /// Runs another `http`-context file (e.g. deploy/k8s/base/come-back.conf)
+    /// with its one `listen` line moved to an ephemeral loopback port.
+    pub async fn start_conf(conf: &str) -> Nginx {
+        let port = free_port();
+        let mut listens = 0;
+        let conf: String = conf
+            .lines()
+            .map(|line| {
+                let t = line.trim_start();
+                if t.starts_with("listen ") {
+                    listens += 1;
+                    let indent = &line[..line.len() - t.len()];
+                    format!("{indent}listen 127.0.0.1:{port};\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        assert_eq!(listens, 1, "one listen line");
+        Self::launch(port, &[("streamline.conf", &conf)]).await
+    }
+
+    /// Starts nginx on `port` in a fresh directory holding `files`, the
+    /// main config including `streamline.conf`.
+    async fn launch(port: u16, files: &[(&str, &str)]) -> Nginx {
+        let dir = temp_dir("nginx");
         let d = dir.display();
         std::fs::create_dir_all(dir.join("temp")).unwrap();
         std::fs::create_dir_all(dir.join("streamline.d")).unwrap();
@@ -109,11 +140,6 @@ impl Nginx {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, contents).unwrap();
         }
-        std::fs::write(
-            dir.join("streamline.conf"),
-            render(SHIPPED, port, stream, control),
-        )
-        .unwrap();
         // One process (no master, no workers): killing its pid stops all of
         // nginx, and it reads the temp dir with the test's own rights.
         let main = format!(
