@@ -124,11 +124,30 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// A run epoch: the Unix time in milliseconds, times 1000, plus a random
+/// number below 1000. Without a bus it is all that tells one replica's ids
+/// from another's, and replicas started together often share the
+/// millisecond: the random part makes a collision (which would resume a
+/// client from another replica's positions, silently) a 1-in-1000 chance
+/// even then. Hubs of one process never share one.
+fn new_epoch() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let random =
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ms)
+            % 1000;
+    let candidate = ms.saturating_mul(1000).saturating_add(random);
+    let last = LAST
+        .fetch_update(Relaxed, Relaxed, |last| Some(candidate.max(last + 1)))
+        .unwrap_or_else(|last| last);
+    candidate.max(last + 1)
+}
+
 impl Hub {
     pub fn new(config: HubConfig) -> Arc<Hub> {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        let epoch = new_epoch();
         Arc::new(Hub {
             config,
             epoch,

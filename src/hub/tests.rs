@@ -698,3 +698,16 @@ fn a_partitioned_topic_is_read_from_every_partition_with_one_cursor_entry_each()
     assert_eq!(rows[0].last_event_id.as_deref(), Some("t:0-1,t:1-2"));
     assert_eq!(rows[0].subscribers, 3);
 }
+
+#[test]
+fn every_hub_has_its_own_epoch_even_within_one_millisecond() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let epochs: Vec<u64> = (0..50).map(|_| hub_with(|_| {}).epoch()).collect();
+    let distinct: std::collections::BTreeSet<u64> = epochs.iter().copied().collect();
+    assert_eq!(distinct.len(), epochs.len(), "{epochs:?}");
+    // The start time in milliseconds is still readable in it.
+    assert!(epochs.iter().all(|e| e / 1000 >= before), "{epochs:?}");
+}
