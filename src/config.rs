@@ -91,11 +91,14 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
 
-    /// How long a retained event stays available for resume.
+    /// How long a retained event stays available for resume (enforced on
+    /// every resume and replay).
     #[arg(long, env = "STREAMLINE_HISTORY_TTL", default_value = "5m", value_parser = duration)]
     pub history_ttl: Duration,
 
-    /// Events a stream may fall behind before the slow-client policy applies.
+    /// Events a stream may fall behind before the slow-client policy applies
+    /// (only events published before the previous one-second lag sample
+    /// count, so a large batch written promptly is not lag).
     #[arg(long, env = "STREAMLINE_MAX_LAG", default_value_t = 500)]
     pub max_lag: u64,
 
@@ -581,6 +584,10 @@ impl Config {
             history_ttl: self.history_ttl,
             max_lag: self.max_lag,
             slow_client_policy: self.slow_client_policy,
+            // Room for the frames of one PATCH of any shape (SSE framing of
+            // tiny events, or of payloads full of line breaks, is at most
+            // about 5x their JSON), so a batch reaches prompt readers whole.
+            pinned_bytes: self.max_body.saturating_mul(8),
             max_clients: self.max_clients,
             max_topics: self.max_topics,
             retry: self.retry,

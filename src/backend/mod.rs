@@ -46,8 +46,13 @@ pub struct StoredEvent {
 pub enum CatchUp {
     /// The next events, oldest first.
     Events(Vec<StoredEvent>),
-    /// Events after the resume point were deleted from the bus too.
+    /// Events after the resume point were deleted from the bus too; the
+    /// stream goes on from what its ring retains.
     Gap,
+    /// Events after the resume point up to and including this position were
+    /// deleted from the bus; the events sent next are the oldest it still
+    /// has, so the stream gets a gap notice and then all of them.
+    Trimmed(Position),
     /// The bus cannot be read now; the client should retry later.
     Failed(String),
 }

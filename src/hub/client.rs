@@ -175,6 +175,10 @@ impl Client {
         self.cursors[index].store(ordinal, Relaxed);
     }
 
+    pub(super) fn joined_at(&self, index: usize) -> u64 {
+        self.joined_at[index].load(Relaxed)
+    }
+
     pub(super) fn set_joined_at(&self, index: usize, ordinal: u64) {
         self.joined_at[index].store(ordinal, Relaxed);
     }

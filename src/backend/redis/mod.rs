@@ -192,8 +192,9 @@ impl RedisBus {
         }
     }
 
-    /// `XINFO STREAM` fields we use: the newest id ever generated and the
-    /// newest id ever deleted (trimmed). A missing stream reads as `0-0`s.
+    /// From `XINFO STREAM`: the newest id ever generated and the newest id
+    /// that may have been deleted (`XDEL`, or trimmed). A missing stream
+    /// reads as `0-0`s.
     async fn stream_info(&self, topic: &str) -> Result<(Position, Position), BusError> {
         let mut cmd = redis::cmd("XINFO");
         cmd.arg("STREAM").arg(self.key(topic));
@@ -210,7 +211,24 @@ impl RedisBus {
                 .and_then(|s| entry_pos(&s))
                 .unwrap_or_default()
         };
-        Ok((pos("last-generated-id"), pos("max-deleted-entry-id")))
+        let count = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                .unwrap_or(0)
+        };
+        // `XADD MAXLEN` trims without moving max-deleted-entry-id (Redis
+        // 7.0): when entries were removed, everything before the first one
+        // left may be gone too.
+        let mut deleted = pos("max-deleted-entry-id");
+        if count("entries-added") > count("length") {
+            let first = pos("recorded-first-entry-id");
+            let before_first = match first.lo {
+                0 => Position::new(first.hi.saturating_sub(1), u64::MAX),
+                lo => Position::new(first.hi, lo - 1),
+            };
+            deleted = deleted.max(before_first);
+        }
+        Ok((pos("last-generated-id"), deleted))
     }
 
     async fn health_loop(self: Arc<Self>, life: Lifecycle) {
@@ -491,10 +509,14 @@ impl RedisBus {
             Ok(info) => info,
             Err(e) => return Some(CatchUp::Failed(e.to_string())),
         };
-        if deleted > after {
-            return Some(CatchUp::Gap);
-        }
         let mut cur = after;
+        if deleted > after {
+            // Trimmed past the resume point: say so, then send what is left.
+            if tx.send(CatchUp::Trimmed(deleted)).await.is_err() {
+                return None;
+            }
+            cur = deleted;
+        }
         while cur < until {
             let mut cmd = redis::cmd("XRANGE");
             cmd.arg(key)
