@@ -389,6 +389,17 @@ async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
             .await;
         assert!(points.as_u64().unwrap() >= 8, "{chart} chart: {points}");
     }
+    // And they keep moving: the next poll adds a point.
+    let before = page
+        .eval("Number(document.querySelector('svg[data-chart=deliveries]').dataset.points)")
+        .await;
+    page.wait_for(
+        "a new point on the deliveries chart",
+        &format!(
+            "Number(document.querySelector('svg[data-chart=deliveries]').dataset.points) > {before}"
+        ),
+    )
+    .await;
 
     // A client that stopped reading, and a burst on its topic: the page
     // shows how many events it is behind, and the burst's topic on top.
