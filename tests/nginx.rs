@@ -20,8 +20,8 @@ fn the_test_config_differs_from_the_shipped_one_only_in_addresses() {
     let b: SocketAddr = "127.0.0.1:1002".parse().unwrap();
     let out = render(SHIPPED, 9, &[a, b], &[a]);
     assert!(out.contains("listen 127.0.0.1:9;"));
-    assert!(out.contains("server 127.0.0.1:1001 max_fails=1 fail_timeout=5s;"));
-    assert!(out.contains("server 127.0.0.1:1002 max_fails=1 fail_timeout=5s;"));
+    assert!(out.contains("server 127.0.0.1:1001 max_fails=0;"));
+    assert!(out.contains("server 127.0.0.1:1002 max_fails=0;"));
     assert!(!out.contains("streamline-1:"), "{out}");
     let rest = |s: &str| -> Vec<String> {
         s.lines()
