@@ -121,18 +121,23 @@ pub struct Drain {
 
 impl Drain {
     /// Builds the windows: `marks` (s since start, label) in order, and the
-    /// sorted reconnect times (ms since start). Reconnects before the first
-    /// mark belong to no window.
-    pub fn windows(marks: &[(f64, String)], reconnects_ms: &[u32], window: f64) -> Vec<Drain> {
+    /// reconnects (when the stream ended, when the reconnect was made; ms
+    /// since start). A reconnect belongs to the window in which its stream
+    /// ended (it may be made after the next mark); one whose stream ended
+    /// before the first mark belongs to none.
+    pub fn windows(marks: &[(f64, String)], reconnects_ms: &[(u32, u32)], window: f64) -> Vec<Drain> {
         let mut out = Vec::new();
         for (k, (at, label)) in marks.iter().enumerate() {
             let from = (at * 1000.0) as u32;
             let to = marks
                 .get(k + 1)
                 .map_or(u32::MAX, |(next, _)| (next * 1000.0) as u32);
-            let lo = reconnects_ms.partition_point(|&t| t < from);
-            let hi = reconnects_ms.partition_point(|&t| t < to);
-            let times = &reconnects_ms[lo..hi];
+            let mut times: Vec<u32> = reconnects_ms
+                .iter()
+                .filter(|(ended, _)| (from..to).contains(ended))
+                .map(|&(_, made)| made)
+                .collect();
+            times.sort_unstable();
             // Most reconnects in a span [t, t + 1 s) starting at one of them.
             let mut peak = 0;
             let mut j = 0;
@@ -488,12 +493,13 @@ mod tests {
 
     #[test]
     fn drain_windows_peak_and_mean() {
-        let marks = vec![(1.0, "restart a".to_owned()), (10.0, "restart b".to_owned())];
+        let marks = vec![(1.0, "restart a".to_owned()), (4.0, "restart b".to_owned())];
         // Before the first mark: no window. Then 30 reconnects spread over
-        // 3 s; then 30 at once.
-        let mut times: Vec<u32> = vec![500];
-        times.extend((0..30).map(|i| 3000 + i * 100));
-        times.extend(std::iter::repeat_n(12_000, 30));
+        // 3 s (the last made after the next mark: still the first window's);
+        // then 30 at once.
+        let mut times: Vec<(u32, u32)> = vec![(400, 500)];
+        times.extend((0..30).map(|i| (1000 + i * 100, 3000 + i * 100)));
+        times.extend(std::iter::repeat_n((11_000, 12_000), 30));
         let d = Drain::windows(&marks, &times, 3.0);
         assert_eq!(d.len(), 2);
         assert_eq!((d[0].reconnects, d[0].peak_per_s), (30, 10));

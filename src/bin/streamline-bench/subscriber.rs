@@ -73,8 +73,9 @@ pub struct Streams {
     opened: mpsc::UnboundedSender<Opened>,
     /// The run's clock: reconnect times and churn marks are offsets from it.
     pub epoch: Instant,
-    /// When each reconnect was attempted, in ms since `epoch`.
-    reconnect_times: Mutex<Vec<u32>>,
+    /// Each reconnect attempt: when the stream it replaces ended, and when
+    /// it was made, in ms since `epoch`.
+    reconnect_times: Mutex<Vec<(u32, u32)>>,
     /// Why streams ended, and why reconnects failed, by reason.
     ends: Mutex<HashMap<String, u64>>,
     reconnect_failures: Mutex<HashMap<String, u64>>,
@@ -203,8 +204,9 @@ impl Streams {
         all
     }
 
-    /// Reconnect attempts' times, ms since `epoch`, sorted.
-    pub fn reconnect_times(&self) -> Vec<u32> {
+    /// Reconnect attempts (stream ended, attempt made), ms since `epoch`,
+    /// sorted.
+    pub fn reconnect_times(&self) -> Vec<(u32, u32)> {
         let mut v = self
             .reconnect_times
             .lock()
@@ -234,14 +236,19 @@ impl Streams {
             .or_default() += 1;
     }
 
-    fn note_reconnect(&self) {
-        let ms = self.epoch.elapsed().as_millis().min(u32::MAX as u128) as u32;
+    fn note_reconnect(&self, ended: Instant) {
+        let ms = |t: Instant| {
+            t.saturating_duration_since(self.epoch)
+                .as_millis()
+                .min(u32::MAX as u128) as u32
+        };
+        let now = ms(Instant::now());
         let mut times = self
             .reconnect_times
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if times.len() < MAX_RECONNECT_TIMES {
-            times.push(ms);
+            times.push((ms(ended), now));
         }
     }
 
@@ -337,7 +344,7 @@ pub async fn run(streams: Arc<Streams>, i: usize) -> Outcome {
                 break 'client;
             }
             outcome.reconnects += 1;
-            streams.note_reconnect();
+            streams.note_reconnect(lost_at);
             let attempt = tokio::time::timeout(
                 streams.connect_timeout,
                 open(&streams, i, topic, &reader.scanner.last_id),
