@@ -29,6 +29,7 @@
 #   SHUTDOWN_DELAY=1s DRAIN_WINDOW=3s GRACE_PERIOD=10s WRITE_TIMEOUT=5s RETRY=2s
 #                              the replicas' shutdown flags and retry: delay
 #   GATEWAY_FLAGS, BENCH_FLAGS extra flags (split at spaces)
+#   READY_TIMEOUT=300          how long a replica may take to answer /ready (s)
 #   KEEP=1                     keep the temp dir (logs) and print its path
 set -euo pipefail
 
@@ -180,7 +181,7 @@ start_replica() {
         --trusted-proxy 127.0.0.1 "${EXTRA_GATEWAY[@]}" \
         >>"$DIR/replica-$i.log" 2>&1 3>&- &
     echo $! >"$DIR/replica-$i.pid"
-    wait_until 60 "replica-$i /ready" curl -fsS "http://127.0.0.1:$(control_port "$i")/ready"
+    wait_until "${READY_TIMEOUT:-300}" "replica-$i /ready" curl -fsS "http://127.0.0.1:$(control_port "$i")/ready"
 }
 for ((i = 1; i <= REPLICAS; i++)); do start_replica "$i"; done
 

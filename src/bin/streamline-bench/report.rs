@@ -125,7 +125,11 @@ impl Drain {
     /// since start). A reconnect belongs to the window in which its stream
     /// ended (it may be made after the next mark); one whose stream ended
     /// before the first mark belongs to none.
-    pub fn windows(marks: &[(f64, String)], reconnects_ms: &[(u32, u32)], window: f64) -> Vec<Drain> {
+    pub fn windows(
+        marks: &[(f64, String)],
+        reconnects_ms: &[(u32, u32)],
+        window: f64,
+    ) -> Vec<Drain> {
         let mut out = Vec::new();
         for (k, (at, label)) in marks.iter().enumerate() {
             let from = (at * 1000.0) as u32;

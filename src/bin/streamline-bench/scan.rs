@@ -229,9 +229,13 @@ enum Line {
     Seq,
     Micros,
     /// In an `id:` value (`first`: a leading space is still to be dropped).
-    Id { first: bool },
+    Id {
+        first: bool,
+    },
     /// In a `retry:` value.
-    Retry { first: bool },
+    Retry {
+        first: bool,
+    },
     /// Skipping to the end of the line.
     Skip,
 }
@@ -474,11 +478,17 @@ mod tests {
         let mut got = Vec::new();
         let wire = b"id: t:1\ndata: 1 1700000000000001\n\nid: t:2\ndata: 2 1700000000000002\n";
         s.feed(wire, |a, _| got.push(a)).unwrap();
-        assert_eq!((got.as_slice(), s.last_id.as_slice()), (&[1][..], &b"t:1"[..]));
+        assert_eq!(
+            (got.as_slice(), s.last_id.as_slice()),
+            (&[1][..], &b"t:1"[..])
+        );
         // The connection is lost; the next one replays event 2.
         s.reconnected();
-        s.feed(b"retry: 50\n\nid: t:2\ndata: 2 1700000000000002\n\n", |a, _| got.push(a))
-            .unwrap();
+        s.feed(
+            b"retry: 50\n\nid: t:2\ndata: 2 1700000000000002\n\n",
+            |a, _| got.push(a),
+        )
+        .unwrap();
         assert_eq!(got, [1, 2]);
         assert_eq!((s.last_id.as_slice(), s.retry_ms), (&b"t:2"[..], Some(50)));
         // An empty id clears the last id.
@@ -501,9 +511,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((h.status, h.chunked, h.event_stream), (503, false, false));
-        let h = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; charset=utf-8\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h = parse_head(
+            b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; charset=utf-8\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert!(h.event_stream);
         let h = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n")
             .unwrap()

@@ -380,7 +380,11 @@ pub async fn run(streams: Arc<Streams>, i: usize) -> Outcome {
 }
 
 /// Runs `fut` unless the bench stops first (`None`).
-async fn unless_stopped<F: Future>(streams: &Streams, stop: &AtomicWaker, fut: F) -> Option<F::Output> {
+async fn unless_stopped<F: Future>(
+    streams: &Streams,
+    stop: &AtomicWaker,
+    fut: F,
+) -> Option<F::Output> {
     let mut fut = pin!(fut);
     std::future::poll_fn(|cx| {
         stop.register(cx.waker());
@@ -394,7 +398,12 @@ async fn unless_stopped<F: Future>(streams: &Streams, stop: &AtomicWaker, fut: F
 
 /// Connects, sends the GET (with `Last-Event-ID` when `last_id` is not
 /// empty) and reads the response head.
-async fn open(streams: &Streams, i: usize, topic: usize, last_id: &[u8]) -> Result<Conn, OpenError> {
+async fn open(
+    streams: &Streams,
+    i: usize,
+    topic: usize,
+    last_id: &[u8],
+) -> Result<Conn, OpenError> {
     let net = OpenError::Network;
     let t = &streams.target;
     let socket = match t.addr {
@@ -416,7 +425,10 @@ async fn open(streams: &Streams, i: usize, topic: usize, last_id: &[u8]) -> Resu
         .connect(t.addr)
         .await
         .map_err(|e| net(format!("connect: {e}")))?;
-    let request = t.request(&crate::target::topic_name(topic as u64, streams.topics), last_id);
+    let request = t.request(
+        &crate::target::topic_name(topic as u64, streams.topics),
+        last_id,
+    );
     let mut sent = 0;
     while sent < request.len() {
         stream
