@@ -18,7 +18,14 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 /// Prints a progress line on stderr once a second, a table on stdout at the
 /// end, and last one JSON line with every figure.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "streamline-bench", version, max_term_width = 100)]
+// A later flag overrides an earlier one (scripts set defaults, callers
+// override them).
+#[command(
+    name = "streamline-bench",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Args {
     /// Stream URL; `{topic}` is replaced by the stream's topic. Plain
     /// `http://` only (raw HTTP/1.1 over TCP).
