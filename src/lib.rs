@@ -230,6 +230,18 @@ impl Gateway {
             backend = hub.bus().map_or("memory", |bus| bus.name()),
             "streamline listening"
         );
+        if hub.bus().is_none() {
+            // Said at start-up, where an operator reads: several replicas
+            // without a bus each serve their own events only. Naming the
+            // replica (--replica-id) suggests there are others: a warning.
+            const ALONE: &str = "no shared bus: this replica's events and history are its own; \
+                 run one replica, or give every replica --redis-url or --kafka-brokers";
+            if c.replica_id.is_some() {
+                tracing::warn!(backend = "memory", "{ALONE}");
+            } else {
+                tracing::info!(backend = "memory", "{ALONE}");
+            }
+        }
         auth::log_posture(
             credentials.jwt.is_some(),
             credentials.control_token.is_some(),

@@ -1,6 +1,6 @@
 //! A real browser (headless Chromium over the DevTools protocol) against
-//! real servers: `EventSource` through deploy/nginx across a replica's drain,
-//! cross-origin streams with and without `--cors-allow-origin`, and the
+//! real servers: `EventSource` through deploy/nginx across a replica's drain
+//! and across a moment with no replica at all, cross-origin streams with and without `--cors-allow-origin`, and the
 //! operators' page. Every assertion reads what the page itself recorded.
 
 mod common;
@@ -325,4 +325,50 @@ async fn the_operators_page_reaches_another_stream_origin_with_cors() {
     let id = gw.publish_one("operator-test", "across origins").await;
     let item = received_item(&page, &id).await;
     assert_eq!(item, json!(format!("{id} across origins")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_through_nginx_comes_back_after_every_replica_was_down() {
+    let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
+    let html = recorder("/stream?topic=outage", false);
+    let mut c = Cluster::start_with(&[
+        ("streamline.d/test-page.conf", page_conf),
+        ("www/test/recorder.html", &html),
+    ])
+    .await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    page.wait_for("the stream opens", "window.rec.opens === 1")
+        .await;
+    let body = json!({"topic": "outage", "data": "before"});
+    publish_to(&http(), c.nginx.addr, &body).await;
+    page.wait_for("the first event", "window.rec.got.length === 1")
+        .await;
+
+    // Every replica goes. nginx answers each reconnect with an event stream
+    // that carries `retry:` and ends: the browser keeps coming back, where
+    // a 502 or 503 would have closed the EventSource for good.
+    c.stop(0).await;
+    c.stop(1).await;
+    page.wait_for(
+        "two come-backs",
+        "window.rec.opens >= 3 && window.rec.errors >= 3",
+    )
+    .await;
+    assert_eq!(page.eval("window.rec.closed").await, false);
+
+    // One comes back: the browser resumes on it with its Last-Event-ID and
+    // gets what was published meanwhile.
+    c.restart(0).await;
+    let body = json!({"topic": "outage", "data": "after"});
+    publish_to(&http(), c.nginx.addr, &body).await;
+    page.wait_for(
+        "the event published after the outage",
+        "window.rec.got.length === 2",
+    )
+    .await;
+    let got = recorded(&page).await;
+    let data: Vec<&str> = got.iter().map(|(_, d)| d.as_str()).collect();
+    assert_eq!(data, ["before", "after"]);
+    assert_eq!(page.eval("window.rec.closed").await, false);
 }

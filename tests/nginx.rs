@@ -274,3 +274,28 @@ async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
         unknown.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_come_back_server_answers_an_event_stream_that_ends() {
+    // ingress-nginx sends it the stream requests no pod took, path
+    // rewritten to `/`, with the code in X-Code.
+    let conf = include_str!("../deploy/k8s/base/come-back.conf");
+    let nginx = common::nginx::Nginx::start_conf(conf).await;
+    for code in ["502", "503", "504"] {
+        let res = http()
+            .get(nginx.url("/"))
+            .header("x-code", code)
+            .header("x-original-uri", "/stream?topic=a")
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "X-Code {code}");
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert_eq!(res.headers()["cache-control"], "no-store");
+        // The body ends: this returns.
+        let body = res.text().await.unwrap();
+        assert!(body.contains("\nretry: 1000\n\n"), "{body:?}");
+        assert!(!body.contains("data:"), "no event: {body:?}");
+    }
+}

@@ -294,7 +294,10 @@ async fn an_unknown_resume_point_gets_an_unknown_gap_then_live_events() {
         (
             "topic=a",
             "a:1-1".to_string(),
-            vec![("streamline.gap", r#"{"topic":"a","reason":"unknown"}"#)],
+            vec![(
+                "streamline.gap",
+                r#"{"topic":"a","reason":"unknown_origin"}"#,
+            )],
         ),
         (
             "topic=a",
@@ -306,7 +309,10 @@ async fn an_unknown_resume_point_gets_an_unknown_gap_then_live_events() {
             "topic=a&topic=b",
             format!("{a1},b:1-1"),
             vec![
-                ("streamline.gap", r#"{"topic":"b","reason":"unknown"}"#),
+                (
+                    "streamline.gap",
+                    r#"{"topic":"b","reason":"unknown_origin"}"#,
+                ),
                 ("message", "a2"),
             ],
         ),
@@ -349,4 +355,33 @@ async fn a_malformed_resume_point_is_refused_with_400() {
     }
     assert_eq!(gw.hub.client_count(), 0);
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_id_from_another_replica_without_a_bus_gets_an_unknown_origin_gap() {
+    // Two in-memory replicas, as when a Deployment is scaled without Redis
+    // or Kafka: they share nothing.
+    let a = TestGateway::start().await;
+    let b = TestGateway::start().await;
+    assert_ne!(a.hub.epoch(), b.hub.epoch(), "two runs, two epochs");
+    b.publish_one("a", "only on b").await;
+    let from_a = a.publish_one("a", "only on a").await;
+    // The client reconnects to the other replica with its last id.
+    let events = replay(&b, "topic=a", Some(&from_a), "a").await;
+    let got: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), e.data.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "streamline.gap",
+                r#"{"topic":"a","reason":"unknown_origin"}"#
+            ),
+            ("message", "live"),
+        ]
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -110,6 +110,8 @@ pub struct Hub {
     client_tag: u32,
     heartbeat: AtomicU64,
     accepting: AtomicBool,
+    /// Whether a resume from another replica or run was logged already.
+    told_unknown_origin: AtomicBool,
     totals: Totals,
     /// The bus events come from, when there is one (else positions are local).
     bus: OnceLock<Arc<dyn Bus>>,
@@ -122,11 +124,30 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// A run epoch: the Unix time in milliseconds, times 1000, plus a random
+/// number below 1000. Without a bus it is all that tells one replica's ids
+/// from another's, and replicas started together often share the
+/// millisecond: the random part makes a collision (which would resume a
+/// client from another replica's positions, silently) a 1-in-1000 chance
+/// even then. Hubs of one process never share one.
+fn new_epoch() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let random =
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ms)
+            % 1000;
+    let candidate = ms.saturating_mul(1000).saturating_add(random);
+    let last = LAST
+        .fetch_update(Relaxed, Relaxed, |last| Some(candidate.max(last + 1)))
+        .unwrap_or_else(|last| last);
+    candidate.max(last + 1)
+}
+
 impl Hub {
     pub fn new(config: HubConfig) -> Arc<Hub> {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        let epoch = new_epoch();
         Arc::new(Hub {
             config,
             epoch,
@@ -141,6 +162,7 @@ impl Hub {
             ) as u32,
             heartbeat: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
+            told_unknown_origin: AtomicBool::new(false),
             totals: Totals::default(),
             bus: OnceLock::new(),
             started: Instant::now(),
@@ -168,6 +190,20 @@ impl Hub {
     /// The `hi` part of this run's positions.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// A client resumed from an id this run did not mint, with no bus: it
+    /// came from another replica or an earlier run. Logged once per run, as
+    /// a warning: after a restart that is expected, but clients that keep
+    /// landing on other replicas mean replicas were scaled without a bus.
+    pub(crate) fn note_unknown_origin(&self) {
+        if !self.told_unknown_origin.swap(true, Relaxed) {
+            tracing::warn!(
+                "a client resumed with an event id from another replica or an earlier run; \
+                 without a shared bus (--redis-url or --kafka-brokers) replicas share no \
+                 events, so it missed what was published meanwhile (told once per run)"
+            );
+        }
     }
 
     pub fn totals(&self) -> &Totals {

@@ -139,7 +139,8 @@ impl Subscription {
                 match seen {
                     None => {}
                     Some(pos) if bus.is_none() && pos.hi != sub.hub.epoch => {
-                        gaps.push((index, GapReason::Unknown))
+                        sub.hub.note_unknown_origin();
+                        gaps.push((index, GapReason::UnknownOrigin))
                     }
                     Some(pos) => match s.topic.locate(pos) {
                         Resume::At(o, p) => (ordinal, s.last) = (o, p),

@@ -134,7 +134,10 @@ fn the_preamble_comes_first_and_names_the_client() {
         Poll::Ready(Some(String::from_utf8(expected.to_vec()).unwrap()))
     );
     let (rest, _) = drain(&mut sub);
-    assert_eq!(events(&rest), [gap(&id(&hub, "a", 1), "a", "unknown")]);
+    assert_eq!(
+        events(&rest),
+        [gap(&id(&hub, "a", 1), "a", "unknown_origin")]
+    );
 }
 
 #[test]
@@ -261,13 +264,13 @@ fn resume_points_inside_before_and_after_the_history() {
         Case {
             name: "an earlier run",
             resume: |e| format!("a:{}-3", e - 1),
-            gap: Some("unknown"),
+            gap: Some("unknown_origin"),
             replayed: &[],
         },
         Case {
             name: "a later run",
             resume: |e| format!("a:{}-0", e + 1),
-            gap: Some("unknown"),
+            gap: Some("unknown_origin"),
             replayed: &[],
         },
         Case {
@@ -694,4 +697,17 @@ fn a_partitioned_topic_is_read_from_every_partition_with_one_cursor_entry_each()
     assert_eq!((rows[0].name.as_str(), rows[0].events_published), ("t", 3));
     assert_eq!(rows[0].last_event_id.as_deref(), Some("t:0-1,t:1-2"));
     assert_eq!(rows[0].subscribers, 3);
+}
+
+#[test]
+fn every_hub_has_its_own_epoch_even_within_one_millisecond() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let epochs: Vec<u64> = (0..50).map(|_| hub_with(|_| {}).epoch()).collect();
+    let distinct: std::collections::BTreeSet<u64> = epochs.iter().copied().collect();
+    assert_eq!(distinct.len(), epochs.len(), "{epochs:?}");
+    // The start time in milliseconds is still readable in it.
+    assert!(epochs.iter().all(|e| e / 1000 >= before), "{epochs:?}");
 }
