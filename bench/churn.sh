@@ -114,13 +114,26 @@ wait_until() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Free loopback ports, $1 of them (bound together, so all distinct).
+# Free loopback ports, $1 of them, all distinct and below the kernel's
+# ephemeral range: a replica restarted on its ports must not find one taken
+# by an outgoing connection (nginx's or the bench's, thousands of them).
 free_ports() {
     python3 -c '
-import socket, sys
-ss = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+found = []
+while len(found) < int(sys.argv[1]):
+    port = random.randrange(10000, max(low, 10001))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if port not in found:
+        found.append(port)
+print(" ".join(map(str, found)))' "$1"
 }
 
 read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 2)))"
