@@ -37,7 +37,7 @@ use crate::tracker::{Counts, Tracker};
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// Bytes read from a socket at once.
 const READ_BUF: usize = 64 * 1024;
-/// Most reconnect times kept for the per-drain figures (16 MiB).
+/// Most reconnects whose times are kept for the per-drain figures (32 MiB).
 const MAX_RECONNECT_TIMES: usize = 4 << 20;
 
 /// What one worker thread's streams have seen so far.
