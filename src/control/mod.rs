@@ -159,7 +159,31 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
 
 /// Serves the control plane until the lifecycle stops; requests in flight
 /// then finish before this returns.
+///
+/// From the shutdown request on, every HTTP/1.1 answer carries
+/// `Connection: close`, so a proxy's kept-alive connections to this replica
+/// are gone before its listener closes. Otherwise a proxy may send a
+/// `PATCH` on an idle connection just as the replica closes it, and must
+/// answer 502 without knowing whether it was published (a `PATCH` is never
+/// retried on another replica).
 pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
+    let life_for_layer = life.clone();
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let life = life_for_layer.clone();
+            async move {
+                let http1 = req.version() == http::Version::HTTP_11;
+                let mut res = next.run(req).await;
+                if http1 && life.shutting_down() {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                res
+            }
+        },
+    ));
     // The peer's address feeds `--publish-rate` and `--trusted-proxy`.
     let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service)
