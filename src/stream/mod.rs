@@ -443,7 +443,9 @@ async fn handle(
     ended: &CancellationToken,
 ) -> StreamResponse {
     let options = &*plane.options;
-    let result = if request::is_preflight(req.method(), req.uri().path(), req.headers()) {
+    let result = if let Err(e) = request::check_framing(req.headers()) {
+        Err(e)
+    } else if request::is_preflight(req.method(), req.uri().path(), req.headers()) {
         options
             .cors
             .preflight(req.headers())
