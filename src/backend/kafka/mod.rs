@@ -197,6 +197,8 @@ pub struct KafkaBus {
     missing: Mutex<HashSet<String>>,
     catch_ups: Arc<Semaphore>,
     up: AtomicBool,
+    /// Whether Kafka has answered since start-up.
+    was_up: AtomicBool,
     stats: Arc<KafkaStats>,
     /// Keyed records seen by this replica's consumers.
     dedup: Dedup,
@@ -342,6 +344,7 @@ impl KafkaBus {
             assigned: tokio::sync::Mutex::new(HashMap::new()),
             missing: Mutex::new(HashSet::new()),
             up: AtomicBool::new(false),
+            was_up: AtomicBool::new(false),
             tracker,
         }))
     }
@@ -505,6 +508,7 @@ impl KafkaBus {
                 _ = life.stopped() => return,
             }
             let ok = self.sync_partitions().await.is_ok();
+            self.was_up.fetch_or(ok, Relaxed);
             if self.up.swap(ok, Relaxed) != ok {
                 if ok {
                     tracing::info!("kafka is reachable");
@@ -661,6 +665,15 @@ impl KafkaBus {
                 )));
             };
             targets.push(kafka.as_str());
+        }
+        // While Kafka is known to be down (it answered once, and the
+        // metadata watch has since lost it), send nothing: a record queued
+        // now would end in a timeout, which cannot tell "not written" from
+        // "written", so the publisher could only be told "unknown".
+        if self.was_up.load(Relaxed) && !self.up.load(Relaxed) {
+            return Err(unavailable(
+                "Kafka is unreachable (see /ready); nothing was sent",
+            ));
         }
         let producer = self.live_producer()?;
         let header = self.opts.event_header.as_str();
