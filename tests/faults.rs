@@ -412,3 +412,142 @@ async fn idempotency_keys_are_checked_and_honoured_in_memory() {
     assert_eq!(events[0].id.as_deref(), Some(first[0].as_str()));
     assert_eq!(events[1].data, "marker");
 }
+
+/// A replica killed with kill -9: its streams break (a network error, so
+/// EventSource reconnects), the reconnect through nginx lands on the
+/// survivor with `Last-Event-ID`, and what was published meanwhile arrives
+/// from Redis, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_with_sigkill_loses_a_reconnecting_client_nothing() {
+    let mut c = common::nginx::Cluster::start().await;
+    let url = c.nginx.url("/stream?topic=k9");
+    let mut client = SseClient::connect(&url).await;
+    let id = client.client_id().await;
+    let holder = c.holder_of(&id).await;
+    let survivor = &c.replicas[1 - holder];
+    let survivor_control = survivor.control;
+    let mut last = String::new();
+    for i in 0..3 {
+        let body = json!({"topic": "k9", "data": format!("before-{i}")});
+        publish_to(&http(), survivor_control, &body).await;
+        last = client.next_event().await.unwrap().id.unwrap();
+    }
+
+    c.replicas[holder].signal("KILL");
+    assert!(!c.replicas[holder].wait_exit().await.success());
+    let rest = client.until_end().await;
+    assert!(rest.is_empty(), "no event after the kill: {rest:?}");
+    let mut published = Vec::new();
+    for i in 0..3 {
+        let body = json!({"topic": "k9", "data": format!("after-{i}")});
+        published.extend(publish_to(&http(), survivor_control, &body).await);
+    }
+
+    let mut again = SseClient::try_connect(&http(), &url, Some(&last)).await;
+    assert_eq!(
+        again.status, 200,
+        "nginx sends the reconnect to the survivor"
+    );
+    let events = again.events(3).await;
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone().unwrap()).collect();
+    assert_eq!(ids, published, "the missed events, in order, once");
+}
+
+/// `nginx -s reload`: open streams stay on the old worker, uninterrupted,
+/// until they end; new streams go to the new worker. (The shipped config
+/// under a master process, as nginx runs when deployed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nginx_reload_keeps_open_streams_flowing() {
+    use common::nginx::{SHIPPED, render, temp_dir};
+    let gw = TestGateway::start().await;
+    let dir = temp_dir("nginx-reload");
+    let port = common::redis::free_port();
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("temp")).unwrap();
+    std::fs::create_dir_all(dir.join("streamline.d")).unwrap();
+    std::fs::write(
+        dir.join("streamline.conf"),
+        render(SHIPPED, port, &[gw.stream], &[gw.control]),
+    )
+    .unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log notice;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/temp/cb;\n\
+             proxy_temp_path {d}/temp/p;\n fastcgi_temp_path {d}/temp/f;\n\
+             uwsgi_temp_path {d}/temp/u;\n scgi_temp_path {d}/temp/s;\n\
+             include streamline.conf;\n}}\n"
+        ),
+    )
+    .unwrap();
+    let nginx = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("nginx");
+        cmd.arg("-c").arg(&conf).arg("-p").arg(&dir);
+        cmd.arg("-e").arg(dir.join("error.log")).args(args);
+        cmd
+    };
+    let master = nginx(&["-g", "daemon off;"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx");
+    // SIGTERM to the master stops its workers, old and new, before it exits
+    // (SIGKILL would leave them running); then the directory goes.
+    let _stop = scopeguard({
+        let dir = dir.clone();
+        move || {
+            let mut master = master;
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &master.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + WAIT;
+            while matches!(master.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = master.kill();
+            let _ = master.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    });
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    eventually_async("nginx listens", || async {
+        TcpStream::connect(addr).await.is_ok() && dir.join("nginx.pid").exists()
+    })
+    .await;
+    let url = format!("http://{addr}/stream?topic=r");
+    let mut open = SseClient::connect(&url).await;
+    gw.publish_one("r", "e1").await;
+    assert_eq!(open.next_event().await.unwrap().data, "e1");
+
+    assert!(nginx(&["-s", "reload"]).status().unwrap().success());
+    let log = dir.join("error.log");
+    eventually("the old worker is shutting down gracefully", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("gracefully shutting down"))
+    })
+    .await;
+
+    gw.publish_one("r", "e2").await;
+    assert_eq!(open.next_event().await.unwrap().data, "e2", "same stream");
+    let mut fresh = SseClient::connect(&url).await;
+    gw.wait_clients(2).await;
+    gw.publish_one("r", "e3").await;
+    assert_eq!(open.next_event().await.unwrap().data, "e3");
+    assert_eq!(fresh.next_event().await.unwrap().data, "e3");
+}
+
+/// Runs `f` when dropped, also when the test fails.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
