@@ -74,21 +74,20 @@ pub async fn serve(
         .header_read_timeout(options.header_read_timeout);
     let builder = Arc::new(builder);
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut full_logged = false;
+    // A flood fills the cap again and again: logged once a minute at most.
+    let mut full_logged: Option<tokio::time::Instant> = None;
     loop {
         let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => {
-                full_logged = false;
-                p
-            }
+            Ok(p) => p,
             Err(_) => {
-                if !full_logged {
+                let now = tokio::time::Instant::now();
+                if full_logged.is_none_or(|at| now - at >= Duration::from_secs(60)) {
                     tracing::warn!(
                         max = options.max_connections,
                         "the control plane has --control-max-connections open; \
                          new connections wait in the backlog"
                     );
-                    full_logged = true;
+                    full_logged = Some(now);
                 }
                 tokio::select! {
                     p = slots.clone().acquire_owned() => match p {
