@@ -613,6 +613,7 @@ impl Config {
             max_header_size: self.max_header_size,
             h2_max_streams: self.h2_max_streams,
             max_connections: self.max_connections,
+            max_refusing: crate::stream::limits::MAX_REFUSING,
             max_streams_per_ip: self.max_streams_per_ip,
             max_conn_rate_per_ip: self.max_conn_rate_per_ip,
             trusted_proxies: crate::client_ip::TrustedProxies::new(self.trusted_proxy.clone()),

@@ -199,19 +199,20 @@ impl Gateway {
 
         let mut stream_options = c.stream_options();
         stream_options.auth = c.stream_auth(&credentials);
-        let control_options = c.control_options();
+        let mut control_options = c.control_options();
         // Both planes' sockets must fit the open-files limit, or a flood of
         // one makes accept fail on the other.
-        if let Some(limit) = control::serve::open_files_limit()
-            && let Some(cap) = control::serve::fit_stream_cap(
-                limit,
-                stream_options.max_connections,
-                stream::limits::MAX_REFUSING,
-                control_options.max_connections,
-            )
-        {
-            stream_options.max_connections = cap;
+        let wanted = control::serve::SocketBudget {
+            stream: stream_options.max_connections,
+            stream_refusals: stream_options.max_refusing,
+            control: control_options.max_connections,
+        };
+        if let Some(fitted) = control::serve::open_files_limit().and_then(|l| wanted.fit(l)) {
+            stream_options.max_connections = fitted.stream;
+            stream_options.max_refusing = fitted.stream_refusals;
+            control_options.max_connections = fitted.control;
         }
+
         tracker.spawn(stream::serve(
             stream,
             hub.clone(),

@@ -214,36 +214,57 @@ where
     }
 }
 
-/// The socket budget: the open-files limit must hold both planes' caps,
-/// the stream plane's refusals and a reserve (Redis/Kafka connections,
-/// listeners, files), or a flood of one plane makes `accept` fail on the
-/// other with EMFILE. Returns the stream plane's cap, lowered (with a
-/// warning) to fit `limit` when needed; `None` when it is fine as it is.
-pub fn fit_stream_cap(
-    limit: u64,
-    stream_cap: usize,
-    stream_refusals: usize,
-    control_cap: usize,
-) -> Option<usize> {
-    /// Descriptors kept for everything that is not a client connection.
-    const RESERVE: u64 = 256;
-    let needed = stream_cap as u64 + stream_refusals as u64 + control_cap as u64 + RESERVE;
-    if needed <= limit {
-        return None;
+/// The caps of both planes, fitted to the open-files limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBudget {
+    pub stream: usize,
+    pub stream_refusals: usize,
+    pub control: usize,
+}
+
+/// Descriptors kept for everything that is not a client connection
+/// (listeners, Redis and Kafka connections, files), at most an eighth of
+/// the limit.
+const RESERVE: u64 = 256;
+
+impl SocketBudget {
+    /// The budget: the open-files `limit` must hold both planes' caps, the
+    /// stream plane's refusals and a reserve, or a flood of one plane makes
+    /// `accept` fail on the other with EMFILE. When they do not fit, the
+    /// control plane and the refusals keep at most an eighth each of what
+    /// is left after the reserve and the stream plane gets the rest (a
+    /// warning says so); `None` when everything fits as configured.
+    pub fn fit(self, limit: u64) -> Option<SocketBudget> {
+        let reserve = RESERVE.min(limit / 8);
+        let avail = limit.saturating_sub(reserve);
+        let wanted = self.stream as u64 + self.stream_refusals as u64 + self.control as u64;
+        if wanted <= avail {
+            return None;
+        }
+        let eighth = usize::try_from(avail / 8).unwrap_or(usize::MAX).max(1);
+        let control = self.control.min(eighth);
+        let stream_refusals = self.stream_refusals.min(eighth);
+        let rest = avail.saturating_sub((control + stream_refusals) as u64);
+        let stream = self
+            .stream
+            .min(usize::try_from(rest).unwrap_or(usize::MAX))
+            .max(1);
+        let fitted = SocketBudget {
+            stream,
+            stream_refusals,
+            control,
+        };
+        tracing::warn!(
+            open_files = limit,
+            reserve,
+            max_connections = self.stream,
+            control_max_connections = self.control,
+            lowered_to = ?fitted,
+            "the open-files limit cannot hold --max-connections + --control-max-connections \
+             + refusals + a reserve; lowered (raise the limit: ulimit -n, LimitNOFILE)"
+        );
+        Some(fitted)
     }
-    let room = limit.saturating_sub(stream_refusals as u64 + control_cap as u64 + RESERVE);
-    let lowered = usize::try_from(room).unwrap_or(usize::MAX).max(1);
-    tracing::warn!(
-        open_files = limit,
-        max_connections = stream_cap,
-        lowered_to = lowered,
-        control_max_connections = control_cap,
-        refusals = stream_refusals,
-        reserve = RESERVE,
-        "the open-files limit cannot hold --max-connections + --control-max-connections \
-         + refusals + a reserve; lowering --max-connections (raise the limit: ulimit -n, LimitNOFILE)"
-    );
-    Some(lowered)
 }
 
 /// This process's soft limit on open files, from `/proc/self/limits`
@@ -263,13 +284,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_stream_cap_is_lowered_to_fit_the_limit() {
-        assert_eq!(fit_stream_cap(100_000, 25_000, 1024, 1024), None);
+    fn the_caps_are_lowered_to_fit_the_limit() {
+        let wanted = SocketBudget {
+            stream: 25_000,
+            stream_refusals: 1024,
+            control: 1024,
+        };
+        assert_eq!(wanted.fit(100_000), None);
+        // 20,000 (this machine's hard limit): the stream plane gives way.
         assert_eq!(
-            fit_stream_cap(4096, 25_000, 1024, 1024),
-            Some(4096 - 1024 - 1024 - 256)
+            wanted.fit(20_000),
+            Some(SocketBudget {
+                stream: 20_000 - 256 - 2048,
+                ..wanted
+            })
         );
-        assert_eq!(fit_stream_cap(100, 25_000, 1024, 1024), Some(1));
+        // 1,024 (a common default): every part keeps a share.
+        let small = wanted.fit(1024).unwrap();
+        assert_eq!((small.control, small.stream_refusals), (112, 112));
+        assert_eq!(small.stream, 1024 - 128 - 224);
+        let tiny = wanted.fit(8).unwrap();
+        assert!(tiny.stream >= 1 && tiny.control >= 1 && tiny.stream_refusals >= 1);
     }
 
     #[test]
