@@ -551,3 +551,24 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     }
     Guard(Some(f))
 }
+
+/// An idle keep-alive connection on the control plane holds its slot no
+/// longer than `--control-header-read-timeout`.
+#[tokio::test]
+async fn an_idle_keep_alive_control_connection_is_closed_at_the_header_timeout() {
+    let gw = TestGateway::start_with(&["--control-header-read-timeout", "500ms"]).await;
+    let mut s = TcpStream::connect(gw.control).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0; 512];
+    let n = s.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200 "));
+    // Then idle: the server closes it (read gives end of stream).
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed by the server")
+        .unwrap();
+    assert!(rest.is_empty());
+}
