@@ -11,6 +11,8 @@
 //!   clients, slow-client policy. Both planes share one `Arc<Hub>`.
 //! - [`sse`] — the wire format: each event encoded once, shared as `Bytes`.
 //! - [`id`] — event ids and resume cursors (`Last-Event-ID`).
+//! - [`idempotency`] — the `Idempotency-Key` of `PATCH /events`: safe
+//!   retries of a publish whose outcome is unknown.
 //! - [`topic`] — topic-name rules.
 //! - [`backend`] — buses that make events durable and shared between
 //!   replicas (Redis, or Kafka as source and bus); without one the hub is
@@ -39,6 +41,7 @@ pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod id;
+pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
@@ -118,6 +121,7 @@ impl Gateway {
                     timeout: config.redis_timeout,
                     max_catch_up: config.max_catch_up,
                     replica_id: replica.to_string(),
+                    idempotency_window: config.idempotency_window,
                 };
                 Some(RedisBus::new(opts, &hub, tracker.clone())?)
             }
@@ -205,6 +209,20 @@ impl Gateway {
             );
             stream_options.cors = cors;
         }
+        let mut control_options = c.control_options();
+        // Both planes' sockets must fit the open-files limit, or a flood of
+        // one makes accept fail on the other.
+        let wanted = control::serve::SocketBudget {
+            stream: stream_options.max_connections,
+            stream_refusals: stream_options.max_refusing,
+            control: control_options.max_connections,
+        };
+        if let Some(fitted) = control::serve::open_files_limit().and_then(|l| wanted.fit(l)) {
+            stream_options.max_connections = fitted.stream;
+            stream_options.max_refusing = fitted.stream_refusals;
+            control_options.max_connections = fitted.control;
+        }
+
         tracker.spawn(stream::serve(
             stream,
             hub.clone(),
@@ -226,7 +244,7 @@ impl Gateway {
             addrs: Some((control_addr, stream_addr)),
         };
         let router = control::router(state, c.max_body);
-        control::spawn_dedicated(control, router, life.clone());
+        control::spawn_dedicated(control, router, control_options, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
         if c.demo {

@@ -337,6 +337,12 @@ impl Collector for KafkaCollector {
             "Events PATCH /events could not get acknowledged by Kafka",
             errors,
         )?;
+        counter(
+            &mut e,
+            "kafka_duplicates_dropped",
+            "Records not delivered: copies of a record with the same Idempotency-Key already delivered",
+            s.duplicates_dropped.load(Relaxed),
+        )?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod events;
 pub mod operator;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,7 @@ use crate::backend::BusError;
 use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
 use crate::hub::{Hub, HubError};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::sse::CloseReason;
@@ -122,7 +124,12 @@ pub const THREADS: usize = 2;
 /// queued behind them in the runtime's run queue waits for the whole
 /// fan-out, so publishers (and probes) slow down exactly when the gateway
 /// is busiest. On threads of its own, the OS scheduler serves it at once.
-pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
+pub fn spawn_dedicated(
+    listener: TcpListener,
+    router: Router,
+    options: serve::ControlOptions,
+    life: Lifecycle,
+) {
     let tracker = life.tracker().clone();
     let served = tracker.track_future(async move {
         // Re-registered with this runtime, which then does all of the
@@ -134,7 +141,7 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
                 return;
             }
         };
-        if let Err(e) = serve(listener, router, life).await {
+        if let Err(e) = serve::serve(listener, router, options, life).await {
             tracing::error!(error = %e, "control plane failed");
         }
     });
@@ -155,40 +162,6 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the control plane thread");
     }
-}
-
-/// Serves the control plane until the lifecycle stops; requests in flight
-/// then finish before this returns.
-///
-/// From the shutdown request on, every HTTP/1.1 answer carries
-/// `Connection: close`, so a proxy's kept-alive connections to this replica
-/// are gone before its listener closes. Otherwise a proxy may send a
-/// `PATCH` on an idle connection just as the replica closes it, and must
-/// answer 502 without knowing whether it was published (a `PATCH` is never
-/// retried on another replica).
-pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
-    let life_for_layer = life.clone();
-    let router = router.layer(axum::middleware::from_fn(
-        move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let life = life_for_layer.clone();
-            async move {
-                let http1 = req.version() == http::Version::HTTP_11;
-                let mut res = next.run(req).await;
-                if http1 && life.shutting_down() {
-                    res.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                res
-            }
-        },
-    ));
-    // The peer's address feeds `--publish-rate` and `--trusted-proxy`.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { life.stopped().await })
-        .await
 }
 
 async fn not_found() -> ApiError {
@@ -349,11 +322,12 @@ async fn patch_events(
     State(s): State<Shared>,
     caller: Option<Extension<auth::Caller>>,
     json: Result<JsonContent, ApiError>,
+    key: Result<IdempotencyHeader, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
     let caller = caller.map_or(auth::Caller::Anyone, |Extension(c)| c);
-    let result = publish(&s, &caller, json, body).await;
+    let result = publish(&s, &caller, json, key, body).await;
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
@@ -370,21 +344,22 @@ async fn publish(
     s: &ControlState,
     caller: &auth::Caller,
     json: Result<JsonContent, ApiError>,
+    key: Result<IdempotencyHeader, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let JsonContent = json?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_body"
-        };
-        ApiError::new(status, code, e.body_text())
-    })?;
+    let IdempotencyHeader(key) = key?;
+    let body = body.map_err(body_error)?;
     let events = events::parse_batch(&body)?;
     caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;
-    let ids = s.hub.publish_batch(&events).await.map_err(|e| match e {
+    let published = match key {
+        Some(key) => {
+            let key = IdempotencyKey::new(key, &events);
+            s.hub.publish_batch_once(&events, &key).await
+        }
+        None => s.hub.publish_batch(&events).await,
+    };
+    let ids = published.map_err(|e| match e {
         // With Kafka: an event whose topic no Kafka topic is mapped to.
         HubError::Bus(BusError::NoSuchTopic(detail)) => {
             ApiError::bad_request("invalid_event", detail)
@@ -392,6 +367,41 @@ async fn publish(
         e => e.into(),
     })?;
     Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
+}
+
+/// Why a request body could not be read: too large (413), not sent in
+/// time (408, see [`serve::BodyDeadline`]), or broken off (400).
+fn body_error(e: BytesRejection) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, "payload_too_large", e.body_text());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(late) = err.downcast_ref::<serve::BodyTimedOut>() {
+            return ApiError {
+                close: true,
+                ..ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    late.to_string(),
+                )
+            };
+        }
+        source = err.source();
+    }
+    ApiError::new(status, "invalid_body", e.body_text())
+}
+
+/// The `Idempotency-Key` header, checked (400 `invalid_idempotency_key`).
+struct IdempotencyHeader(Option<String>);
+
+impl<S: Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        idempotency::parse_header(parts.headers.get(idempotency::HEADER)).map(IdempotencyHeader)
+    }
 }
 
 /// A request whose `Content-Type` is JSON, checked by reference (the

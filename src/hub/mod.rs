@@ -22,6 +22,7 @@ pub use subscription::{Chunk, Subscription};
 
 use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::sse::{self, CloseReason};
 use ring::{Bounds, Topic};
 
@@ -50,6 +51,11 @@ pub struct HubConfig {
     pub max_clients: usize,
     pub max_topics: usize,
     pub retry: Duration,
+    /// How long an `Idempotency-Key` is remembered (in memory, without a
+    /// bus; Redis and Kafka get it in their options).
+    pub idempotency_window: Duration,
+    /// Most keys remembered at once in memory.
+    pub idempotency_capacity: usize,
 }
 
 impl Default for HubConfig {
@@ -63,6 +69,8 @@ impl Default for HubConfig {
             max_clients: 20_000,
             max_topics: 100_000,
             retry: Duration::from_secs(2),
+            idempotency_window: Duration::from_secs(600),
+            idempotency_capacity: 100_000,
         }
     }
 }
@@ -155,6 +163,8 @@ pub struct Hub {
     totals: Totals,
     /// The bus events come from, when there is one (else positions are local).
     bus: OnceLock<Arc<dyn Bus>>,
+    /// Keys of in-memory publishes (a bus keeps its own).
+    idempotency: idempotency::Table<idempotency::Answer>,
     started: Instant,
 }
 
@@ -188,6 +198,8 @@ fn new_epoch() -> u64 {
 impl Hub {
     pub fn new(config: HubConfig) -> Arc<Hub> {
         let epoch = new_epoch();
+        let idempotency =
+            idempotency::Table::new(config.idempotency_window, config.idempotency_capacity);
         Arc::new(Hub {
             config,
             epoch,
@@ -205,6 +217,7 @@ impl Hub {
             told_unknown_origin: AtomicBool::new(false),
             totals: Totals::default(),
             bus: OnceLock::new(),
+            idempotency,
             started: Instant::now(),
         })
     }
@@ -419,6 +432,40 @@ impl Hub {
             Some(err) => Err(err),
             None => Ok(ids),
         }
+    }
+
+    /// [`publish_batch`](Self::publish_batch) at most once per `key` within
+    /// the idempotency window: a key seen before answers with its first
+    /// ids and publishes nothing (through the bus, on every replica; in
+    /// memory, on this one). A different batch under a known key is
+    /// refused with [`BusError::KeyReused`].
+    pub async fn publish_batch_once(
+        &self,
+        events: &[NewEvent],
+        key: &IdempotencyKey,
+    ) -> Result<Vec<String>, HubError> {
+        if let Some(bus) = self.bus() {
+            return Ok(bus.publish_once(events, key).await?);
+        }
+        // Held while publishing, so a concurrent retry waits for the first
+        // answer instead of publishing too (all synchronous: no await).
+        let mut table = self.idempotency.lock();
+        if let Some(done) = table.get(&key.key) {
+            if done.fingerprint != key.fingerprint {
+                return Err(BusError::key_reused(&key.key).into());
+            }
+            return Ok(done.ids.clone());
+        }
+        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
+        let ids = events
+            .iter()
+            .map(|e| self.publish(&e.topic, e.event.as_deref(), &e.data))
+            .collect::<Result<Vec<_>, _>>()?;
+        table.get_or_insert_with(&key.key, || idempotency::Answer {
+            fingerprint: key.fingerprint.clone(),
+            ids: ids.clone(),
+        });
+        Ok(ids)
     }
 
     /// For buses: appends an event the bus delivered, at the bus's position,

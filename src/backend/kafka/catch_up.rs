@@ -15,7 +15,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::{Apply, Context, KafkaOptions, KafkaStats, decode, position};
+use super::idempotency::Dedup;
+use super::{Apply, Context, KafkaOptions, KafkaStats, decode, first_copy, position};
 use crate::backend::{CatchUp, StoredEvent};
 use crate::id::Position;
 
@@ -25,7 +26,11 @@ const PAGE: usize = 500;
 pub(super) struct Reader<'a> {
     pub opts: &'a KafkaOptions,
     pub stats: &'a KafkaStats,
+    /// Copies of keyed records are dropped here as in the live consumer.
+    pub dedup: &'a Dedup,
     pub topic: &'a str,
+    /// The SSE topic the Kafka topic feeds (event ids carry it).
+    pub sse: &'a str,
     pub partition: i32,
 }
 
@@ -136,15 +141,19 @@ impl Reader<'_> {
             if pos > until {
                 break;
             }
-            match decode(&m, &self.opts.event_header) {
-                Some((event, data)) => page.push(StoredEvent {
-                    pos,
-                    event: event.map(str::to_owned),
-                    data: data.to_owned(),
-                }),
-                None => {
-                    if let Some(c) = self.stats.topics.get(topic) {
-                        c.skipped.fetch_add(1, Relaxed);
+            if !first_copy(self.dedup, &m, &pos.id_in(self.sse)) {
+                self.stats.duplicates_dropped.fetch_add(1, Relaxed);
+            } else {
+                match decode(&m, &self.opts.event_header) {
+                    Some((event, data)) => page.push(StoredEvent {
+                        pos,
+                        event: event.map(str::to_owned),
+                        data: data.to_owned(),
+                    }),
+                    None => {
+                        if let Some(c) = self.stats.topics.get(topic) {
+                            c.skipped.fetch_add(1, Relaxed);
+                        }
                     }
                 }
             }
