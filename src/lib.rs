@@ -21,6 +21,9 @@
 //! - [`limits`] — per-client bounds (token-bucket rate limits, streams per
 //!   address); [`client_ip`] — the client's address, through trusted
 //!   proxies.
+//! - [`mercure`] — the Mercure protocol beside Streamline's own: its
+//!   subscriptions on the stream plane, publishing on the control plane,
+//!   its updates carried by one hub topic.
 //! - [`config`], [`error`], [`metrics`], [`demo`] — configuration, the JSON
 //!   error body, Prometheus metrics, the `--demo` publisher.
 //!
@@ -41,6 +44,7 @@ pub mod hub;
 pub mod id;
 pub mod lifecycle;
 pub mod limits;
+pub mod mercure;
 pub mod metrics;
 pub mod sse;
 pub mod stream;
@@ -71,6 +75,7 @@ pub struct Gateway {
     kafka: Option<Arc<KafkaBus>>,
     replica: Arc<str>,
     credentials: auth::Credentials,
+    mercure: Option<Arc<mercure::Mercure>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,9 @@ impl Gateway {
         let control = bind("control", config.control_addr).await?;
         let stream = bind("stream", config.stream_addr).await?;
         let hub = Hub::new(config.hub());
+        let mercure = config
+            .mercure()?
+            .map(|options| mercure::Mercure::install(options, &hub));
         let tracker = TaskTracker::new();
         let replica: Arc<str> = config.replica_id().into();
         let redis = match &config.redis_url {
@@ -145,6 +153,7 @@ impl Gateway {
             kafka,
             replica,
             credentials,
+            mercure,
         })
     }
 
@@ -175,6 +184,7 @@ impl Gateway {
             kafka,
             replica,
             credentials,
+            mercure,
         } = self;
         let life = Lifecycle::with_tracker(shutdown, tracker.clone());
         let control_addr = control.local_addr().unwrap_or(c.control_addr);
@@ -195,6 +205,7 @@ impl Gateway {
 
         let mut stream_options = c.stream_options();
         stream_options.auth = c.stream_auth(&credentials);
+        stream_options.mercure = mercure.clone();
         tracker.spawn(stream::serve(
             stream,
             hub.clone(),
@@ -214,7 +225,10 @@ impl Gateway {
                 c.publish_rate,
             )),
         };
-        let router = control::router(state, c.max_body);
+        let mut router = control::router(state, c.max_body);
+        if let Some(m) = &mercure {
+            router = router.layer(axum::Extension(m.clone()));
+        }
         control::spawn_dedicated(control, router, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));

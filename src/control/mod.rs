@@ -79,6 +79,11 @@ fn routes() -> Routes {
     .add(Method::GET, "/topics", list_topics)
     .add(Method::GET, "/metrics", metrics)
     .add(Method::PATCH, "/events", patch_events)
+    .add(
+        Method::POST,
+        crate::mercure::PATH,
+        crate::mercure::publish::publish,
+    )
 }
 
 /// Every (method, path) the control plane serves.
@@ -320,6 +325,16 @@ async fn publish(
         ApiError::new(status, code, e.body_text())
     })?;
     let events = events::parse_batch(&body)?;
+    // Mercure's topic takes only Mercure updates (POST /.well-known/mercure).
+    if let Some(e) = events
+        .iter()
+        .find(|e| s.hub.encoder_for(&e.topic).is_some())
+    {
+        return Err(ApiError::bad_request(
+            "reserved_topic",
+            format!("topic {:?} is reserved for Mercure updates", e.topic),
+        ));
+    }
     caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;
     let ids = s.hub.publish_batch(&events).await.map_err(|e| match e {
         // With Kafka: an event whose topic no Kafka topic is mapped to.
