@@ -232,6 +232,9 @@ impl Gateway {
         control::spawn_dedicated(control, router, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
+        if let Some(m) = &mercure {
+            tracker.spawn(m.clone().follow(hub.clone(), life.clone()));
+        }
         if c.demo {
             tracker.spawn(demo::run(hub.clone(), life.clone()));
         }

@@ -331,8 +331,8 @@ async fn publish(
         .find(|e| s.hub.encoder_for(&e.topic).is_some())
     {
         return Err(ApiError::bad_request(
-            "reserved_topic",
-            format!("topic {:?} is reserved for Mercure updates", e.topic),
+            "invalid_event",
+            format!("topic: {:?} is reserved for Mercure updates", e.topic),
         ));
     }
     caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;

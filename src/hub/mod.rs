@@ -480,6 +480,11 @@ impl Hub {
     /// For buses: forgets a followed topic nobody has wanted for `linger`;
     /// true when it was forgotten (the bus then stops following it).
     pub fn forget_if_idle(&self, name: &str, linger: Duration) -> bool {
+        // A topic with its own encoder (Mercure's) is followed for good: its
+        // subscribers resume by ids only a replica that saw them knows.
+        if self.encoder_for(name).is_some() {
+            return false;
+        }
         let now = self.now_ms();
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let idle = topics.get(name).is_none_or(|t| {

@@ -105,6 +105,27 @@ impl Mercure {
         })
     }
 
+    /// With a bus: follows the Mercure topic from start-up (retrying until
+    /// the bus answers or the gateway stops), so this replica sees, and
+    /// indexes the ids of, every update published while it runs.
+    pub async fn follow(self: Arc<Self>, hub: Arc<Hub>, life: crate::lifecycle::Lifecycle) {
+        if hub.bus().is_none() {
+            return;
+        }
+        loop {
+            match hub.prepare(self.topics()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot follow the Mercure topic yet; retrying")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = life.stopped() => return,
+            }
+        }
+    }
+
     /// The hub topic, as a stream's topic list.
     pub fn topics(&self) -> &[String] {
         &self.topics

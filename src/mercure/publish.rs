@@ -78,9 +78,9 @@ pub async fn publish(
         .await
         .map_err(|e| match e {
             HubError::Bus(BusError::NoSuchTopic(detail)) => ApiError::unavailable(
-                "mercure_topic_unavailable",
+                "backend_unavailable",
                 format!("the Mercure hub topic has no source on the bus: {detail}"),
-                1,
+                2,
             ),
             e => e.into(),
         })?;
@@ -92,7 +92,7 @@ pub async fn publish(
                 .and_then(|id| id.rsplit_once(':'))
                 .and_then(|(_, pos)| pos.parse::<Position>().ok())
                 .ok_or_else(|| {
-                    ApiError::unavailable("backend_unavailable", "the bus gave no position", 1)
+                    ApiError::unavailable("backend_unavailable", "the bus gave no position", 2)
                 })?;
             generated_id(pos)
         }
@@ -121,7 +121,7 @@ fn authorize(
     let verifier = mercure.options.publisher.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
-            "publishing_disabled",
+            "topic_not_allowed",
             "no publisher key is configured (--mercure-publisher-jwt-secret or --mercure-publisher-jwt-public-key)",
         )
     })?;
@@ -138,7 +138,9 @@ fn authorize(
 
 /// Reads and checks an update's form.
 pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
-    let bad = |code, detail: String| ApiError::bad_request(code, detail);
+    // One code for every bad field, as `PATCH /events` does; the detail
+    // names the field.
+    let bad = |_field: &str, detail: String| ApiError::bad_request("invalid_event", detail);
     let mut update = Update {
         topics: Vec::new(),
         private: false,
@@ -150,11 +152,11 @@ pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
     for (key, value) in form_urlencoded::parse(body) {
         match &*key {
             "topic" => {
-                selector::check(&value).map_err(|e| bad("invalid_topic", format!("topic {e}")))?;
+                selector::check(&value).map_err(|e| bad("topic", format!("topic: {e}")))?;
                 if update.topics.len() == MAX_UPDATE_TOPICS {
                     return Err(bad(
-                        "too_many_topics",
-                        format!("an update may have at most {MAX_UPDATE_TOPICS} topics"),
+                        "topic",
+                        format!("topic: an update may have at most {MAX_UPDATE_TOPICS} topics"),
                     ));
                 }
                 if !update.topics.iter().any(|t| *t == value) {
@@ -166,20 +168,20 @@ pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
             "id" => {
                 if value.starts_with('#') {
                     return Err(bad(
-                        "invalid_id",
-                        "id must not start with `#` (reserved for ids the hub makes)".into(),
+                        "id",
+                        "id: must not start with `#` (reserved for ids the hub makes)".into(),
                     ));
                 }
                 if value.is_empty() || value.len() > MAX_ID_LEN || value.contains(['\r', '\n']) {
                     return Err(bad(
-                        "invalid_id",
-                        format!("id must be 1 to {MAX_ID_LEN} bytes without line breaks"),
+                        "id",
+                        format!("id: must be 1 to {MAX_ID_LEN} bytes without line breaks"),
                     ));
                 }
                 if value == super::EARLIEST {
                     return Err(bad(
-                        "invalid_id",
-                        "`earliest` is reserved by the protocol".into(),
+                        "id",
+                        "id: `earliest` is reserved by the protocol".into(),
                     ));
                 }
                 update.id = Some(value.into_owned());
@@ -187,8 +189,8 @@ pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
             "type" => {
                 if value.len() > MAX_ID_LEN || value.contains(['\r', '\n']) {
                     return Err(bad(
-                        "invalid_type",
-                        format!("type must be at most {MAX_ID_LEN} bytes without line breaks"),
+                        "type",
+                        format!("type: must be at most {MAX_ID_LEN} bytes without line breaks"),
                     ));
                 }
                 update.kind = Some(value.into_owned()).filter(|k| !k.is_empty());
@@ -196,8 +198,8 @@ pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
             "retry" => {
                 let ms = value.parse::<u64>().map_err(|_| {
                     bad(
-                        "invalid_retry",
-                        "retry must be a whole number of milliseconds".into(),
+                        "retry",
+                        "retry: must be a whole number of milliseconds".into(),
                     )
                 })?;
                 update.retry = Some(ms);
@@ -206,10 +208,7 @@ pub fn parse(body: &[u8]) -> Result<Update, ApiError> {
         }
     }
     if update.topics.is_empty() {
-        return Err(bad(
-            "missing_topic",
-            "give at least one `topic` (an IRI)".into(),
-        ));
+        return Err(bad("topic", "topic: give at least one (an IRI)".into()));
     }
     Ok(update)
 }
@@ -233,18 +232,23 @@ mod tests {
 
     #[test]
     fn refuses_bad_updates() {
-        let code = |b: &[u8]| parse(b).unwrap_err().code;
-        assert_eq!(code(b"data=x"), "missing_topic");
-        assert_eq!(code(b"topic="), "invalid_topic");
-        assert_eq!(code(b"topic=a%0Ab"), "invalid_topic");
-        assert_eq!(code(b"topic=a&id=%23x"), "invalid_id");
-        assert_eq!(code(b"topic=a&id=a%0Ab"), "invalid_id");
-        assert_eq!(code(b"topic=a&id=earliest"), "invalid_id");
-        assert_eq!(code(b"topic=a&type=a%0Db"), "invalid_type");
-        assert_eq!(code(b"topic=a&retry=soon"), "invalid_retry");
+        // The detail names the field.
+        let field = |b: &[u8]| {
+            let e = parse(b).unwrap_err();
+            assert_eq!(e.code, "invalid_event");
+            e.detail.split(':').next().unwrap().to_owned()
+        };
+        assert_eq!(field(b"data=x"), "topic");
+        assert_eq!(field(b"topic="), "topic");
+        assert_eq!(field(b"topic=a%0Ab"), "topic");
+        assert_eq!(field(b"topic=a&id=%23x"), "id");
+        assert_eq!(field(b"topic=a&id=a%0Ab"), "id");
+        assert_eq!(field(b"topic=a&id=earliest"), "id");
+        assert_eq!(field(b"topic=a&type=a%0Db"), "type");
+        assert_eq!(field(b"topic=a&retry=soon"), "retry");
         let many: String = (0..=MAX_UPDATE_TOPICS)
             .map(|i| format!("topic=t{i}&"))
             .collect();
-        assert_eq!(code(many.as_bytes()), "too_many_topics");
+        assert_eq!(field(many.as_bytes()), "topic");
     }
 }

@@ -79,7 +79,7 @@ pub fn parse(
                 }
                 if selectors.len() == max_selectors {
                     return Err(ApiError::bad_request(
-                        "too_many_selectors",
+                        "too_many_stream_topics",
                         format!("a subscription may have at most {max_selectors} topic selectors"),
                     ));
                 }
@@ -286,7 +286,10 @@ mod tests {
         let err = |q: &str| parse(&Method::GET, Some(q), &http::HeaderMap::new(), 2).unwrap_err();
         assert_eq!(err("").code, "missing_topic");
         assert_eq!(err("topic=").code, "invalid_topic");
-        assert_eq!(err("topic=a&topic=b&topic=c").code, "too_many_selectors");
+        assert_eq!(
+            err("topic=a&topic=b&topic=c").code,
+            "too_many_stream_topics"
+        );
         let e = parse(&Method::POST, Some("topic=a"), &http::HeaderMap::new(), 2).unwrap_err();
         assert_eq!(e.status.as_u16(), 405);
     }
