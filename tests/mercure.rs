@@ -520,3 +520,132 @@ async fn two_replicas_on_redis_share_updates_ids_and_resume() {
         ["a", "b", "c"]
     );
 }
+
+/// A page that subscribes with `EventSource` to `selector` on its own
+/// origin, records `[lastEventId, data]` of every message in `window.rec`,
+/// and publishes with `fetch` form posts (`window.publish`).
+fn mercure_page(selector: &str, publisher_jwt: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<meta charset="utf-8">
+<title>mercure</title>
+<script>
+window.rec = {{ got: [], opens: 0, errors: 0 }};
+const url = new URL("/.well-known/mercure", location.origin);
+url.searchParams.append("topic", {selector});
+const es = new EventSource(url);
+es.onopen = () => {{ rec.opens++; }};
+es.onerror = () => {{ rec.errors++; }};
+es.onmessage = (e) => {{ rec.got.push([e.lastEventId, e.data]); }};
+window.publish = async (fields) => {{
+  const body = new URLSearchParams();
+  for (const [k, v] of fields) body.append(k, v);
+  const res = await fetch("/.well-known/mercure", {{
+    method: "POST",
+    headers: {{ Authorization: "Bearer " + {jwt} }},
+    body,
+  }});
+  return [res.status, await res.text()];
+}};
+</script>
+"#,
+        selector = json!(selector),
+        jwt = json!(publisher_jwt),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_and_fetch_on_one_origin_through_nginx_across_replicas() {
+    use common::browser::Browser;
+    use common::nginx::Cluster;
+
+    let page_conf = "location = /test/mercure.html { root www; default_type text/html; }\n";
+    let html = mercure_page(BOOKS, &publisher());
+    let mut c = Cluster::start_n(
+        2,
+        &flags(&["--mercure-anonymous"]),
+        &[
+            ("streamline.d/test-page.conf", page_conf),
+            ("www/test/mercure.html", &html),
+        ],
+    )
+    .await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&c.nginx.url("/test/mercure.html")).await;
+    page.wait_for("the subscription opens", "window.rec.opens === 1")
+        .await;
+    let holder = c.holder_of_the_stream().await;
+
+    let publish = |fields: Value| {
+        let page = &page;
+        async move {
+            let v = page.eval(&format!("window.publish({fields})")).await;
+            assert_eq!(v[0], 200, "publish {fields}: {v}");
+            v[1].as_str().unwrap().to_owned()
+        }
+    };
+    let one = publish(json!([
+        ["topic", "https://example.com/books/1"],
+        ["data", "one"]
+    ]))
+    .await;
+    publish(json!([
+        ["topic", "https://example.com/authors/1"],
+        ["data", "not a book"]
+    ]))
+    .await;
+    publish(json!([
+        ["topic", "https://example.com/books/2"],
+        ["data", "private"],
+        ["private", "on"]
+    ]))
+    .await;
+    let two = publish(json!([
+        ["topic", "https://example.com/books/3"],
+        ["data", "two"],
+        ["id", "urn:example:two"]
+    ]))
+    .await;
+    page.wait_for("two updates", "window.rec.got.length >= 2")
+        .await;
+
+    // The replica holding the stream drains; EventSource comes back by
+    // itself through nginx, to the other replica, with Last-Event-ID.
+    c.replicas[holder].signal("TERM");
+    // Published while the stream is closed and reopened: resume, not live,
+    // is what brings these.
+    let mut expected = vec![json!([one, "one"]), json!(["urn:example:two", "two"])];
+    for i in 0..10 {
+        let data = format!("during {i}");
+        let id = publish(json!([
+            ["topic", "https://example.com/books/5"],
+            ["data", data]
+        ]))
+        .await;
+        expected.push(json!([id, data]));
+    }
+    page.wait_for("the reconnect", "window.rec.opens >= 2")
+        .await;
+    let three = publish(json!([
+        ["topic", "https://example.com/books/4"],
+        ["data", "three"]
+    ]))
+    .await;
+    expected.push(json!([three, "three"]));
+    page.wait_for(
+        "every update",
+        &format!("window.rec.got.length >= {}", expected.len()),
+    )
+    .await;
+    assert!(c.replicas[holder].wait_exit().await.success());
+    let got = page.eval("window.rec.got").await;
+    assert_eq!(
+        got,
+        Value::Array(expected),
+        "matching public updates only, once each, in order, with their ids"
+    );
+    assert_eq!(two, "urn:example:two");
+    // Bad input through nginx gets the gateway's 4xx, not a proxy error.
+    let v = page.eval(r#"window.publish([["data", "no topic"]])"#).await;
+    assert_eq!(v[0], 400, "{v}");
+}
