@@ -649,3 +649,56 @@ async fn event_source_and_fetch_on_one_origin_through_nginx_across_replicas() {
     let v = page.eval(r#"window.publish([["data", "no topic"]])"#).await;
     assert_eq!(v[0], 400, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_kafka_share_updates_ids_and_resume() {
+    use common::kafka::Tansu;
+
+    let broker = Tansu::start().await;
+    broker.create_topic("mercure", 1).await;
+    let brokers = broker.brokers();
+    let start = |name: &'static str| {
+        let brokers = brokers.clone();
+        async move {
+            let gw = TestGateway::start_with(&flags(&[
+                "--mercure-anonymous",
+                "--kafka-brokers",
+                &brokers,
+                "--kafka-topics",
+                "mercure",
+                "--kafka-timeout",
+                "5s",
+                "--replica-id",
+                name,
+            ]))
+            .await;
+            let hub = gw.hub.clone();
+            common::eventually("the Mercure topic is followed", move || {
+                hub.topic_names().iter().any(|t| t.starts_with("mercure"))
+            })
+            .await;
+            gw
+        }
+    };
+    let one = start("k1").await;
+    let two = start("k2").await;
+    let mut on_two = subscribe(two.stream, &[BOOKS]).await;
+    two.wait_clients(1).await;
+    let a = publish(
+        one.control,
+        &[("topic", "https://example.com/books/1"), ("data", "a")],
+    )
+    .await;
+    let got = on_two.next_event().await.unwrap();
+    assert_eq!((got.id.as_deref(), &*got.data), (Some(&*a), "a"));
+    drop(on_two);
+    let b = publish(
+        two.control,
+        &[("topic", "https://example.com/books/2"), ("data", "b")],
+    )
+    .await;
+    let mut on_one =
+        SseClient::connect_with(&http(), &sub_url(one.stream, &[BOOKS], ""), Some(&a)).await;
+    let got = on_one.next_event().await.unwrap();
+    assert_eq!((got.id.as_deref(), &*got.data), (Some(&*b), "b"));
+}

@@ -331,7 +331,9 @@ impl Subscription {
                     if self.filter.as_ref().is_some_and(|f| !f.admits(&frame)) {
                         continue;
                     }
-                    return Step::Chunk(if self.subs.len() == 1 {
+                    // A filtered stream's events keep their own ids (their
+                    // protocol's), however many rings it reads.
+                    return Step::Chunk(if self.subs.len() == 1 || self.filter.is_some() {
                         Chunk::One(frame.bytes().clone())
                     } else {
                         Chunk::Two(sse::id_line(&self.cursor_id()), frame.body())
