@@ -336,6 +336,12 @@ pub struct Config {
     )]
     pub mercure_cookie: String,
 
+    /// Publish Mercure subscription events (private updates on
+    /// `/.well-known/mercure/subscriptions/{topic}/{subscriber}`) when a
+    /// Mercure subscription starts and ends.
+    #[arg(long, env = "STREAMLINE_MERCURE_SUBSCRIPTIONS")]
+    pub mercure_subscriptions: bool,
+
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(
         long,
@@ -520,6 +526,7 @@ impl Config {
             max_selectors: self.max_stream_topics,
             end_at_expiry: !self.jwt_allow_expiry_during_stream,
             leeway: self.jwt_leeway,
+            subscriptions: self.mercure_subscriptions,
         }))
     }
 

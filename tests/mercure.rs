@@ -707,3 +707,51 @@ async fn two_replicas_on_kafka_share_updates_ids_and_resume() {
     let got = on_one.next_event().await.unwrap();
     assert_eq!((got.id.as_deref(), &*got.data), (Some(&*b), "b"));
 }
+
+#[tokio::test]
+async fn subscription_events_announce_start_and_end() {
+    let gw = gateway(&["--mercure-anonymous", "--mercure-subscriptions"]).await;
+    let template = "/.well-known/mercure/subscriptions/{topic}/{subscriber}";
+    let watcher = sign(
+        SUBSCRIBER_KEY,
+        json!({"mercure": {"subscribe": [template]}}),
+    );
+    let mut watch = subscribe_as(gw.stream, &[template], &watcher).await;
+    // An anonymous subscriber does not see them (they are private).
+    let mut anonymous = subscribe(gw.stream, &[template]).await;
+    gw.wait_clients(2).await;
+    let mut c = subscribe(gw.stream, &[FOO]).await;
+    gw.wait_clients(3).await;
+    let client = c.client_id().await;
+    drop(c);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = watch.next_event().await.expect("open");
+        let doc: Value = serde_json::from_str(&e.data).unwrap();
+        if doc["topic"] == FOO {
+            seen.push(doc);
+        }
+    }
+    let subscriber = format!("urn:streamline:{client}");
+    let id = format!(
+        "/.well-known/mercure/subscriptions/https%3A%2F%2Fexample.com%2Ffoo/{}",
+        subscriber.replace(':', "%3A")
+    );
+    for (doc, active) in seen.iter().zip([true, false]) {
+        assert_eq!(doc["type"], "Subscription");
+        assert_eq!(doc["id"], id.as_str());
+        assert_eq!(doc["subscriber"], subscriber.as_str());
+        assert_eq!(doc["active"], active, "{doc}");
+    }
+    // The end marker: a public update both watchers get; the anonymous one
+    // saw no subscription event before it.
+    publish(
+        gw.control,
+        &[
+            ("topic", "/.well-known/mercure/subscriptions/x/y"),
+            ("data", "end"),
+        ],
+    )
+    .await;
+    assert_eq!(anonymous.next_event().await.unwrap().data, "end");
+}

@@ -78,6 +78,8 @@ pub struct MercureOptions {
     pub end_at_expiry: bool,
     /// Allowed clock skew on `exp`.
     pub leeway: std::time::Duration,
+    /// Publish the draft's subscription events.
+    pub subscriptions: bool,
 }
 
 /// The Mercure side of a gateway, shared by both planes.

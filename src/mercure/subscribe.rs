@@ -9,7 +9,7 @@
 //! draft requires.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Either;
@@ -17,9 +17,10 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use super::selector::{Selector, any_match};
-use super::{Mercure, UpdateMeta, auth};
+use super::{Mercure, Update, UpdateMeta, auth};
+use crate::backend::NewEvent;
 use crate::error::ApiError;
-use crate::hub::{ClientMeta, Filter};
+use crate::hub::{ClientMeta, Filter, Hub};
 use crate::sse::Frame;
 use crate::stream::body::SseBody;
 use crate::stream::{Plane, StreamResponse};
@@ -31,6 +32,119 @@ pub struct MercureFilter {
     pub selectors: Vec<Selector>,
     /// The token's `mercure.subscribe` selectors (none: anonymous).
     pub allowed: Vec<Selector>,
+    /// With `--mercure-subscriptions`: announces the end when the stream
+    /// (which owns the filter) ends.
+    pub announcer: Option<Announcer>,
+}
+
+impl Drop for MercureFilter {
+    fn drop(&mut self) {
+        if let Some(a) = &self.announcer {
+            a.announce(&self.selectors, false);
+        }
+    }
+}
+
+/// Publishes the draft's subscription events: one private update per
+/// selector when a subscription starts and when it ends, on topic
+/// `/.well-known/mercure/subscriptions/{topic}/{subscriber}`, through the
+/// bus like any update (so every replica's watchers see it).
+#[derive(Debug)]
+pub struct Announcer {
+    hub: Arc<Hub>,
+    /// The Mercure hub topic.
+    topic: String,
+    payload: Option<serde_json::Value>,
+    /// Set once the stream is open (its client id names it); nothing is
+    /// announced for a stream that never opened.
+    subscriber: OnceLock<String>,
+}
+
+impl Announcer {
+    pub fn new(hub: Arc<Hub>, topic: String, payload: Option<serde_json::Value>) -> Self {
+        Announcer {
+            hub,
+            topic,
+            payload,
+            subscriber: OnceLock::new(),
+        }
+    }
+
+    /// Announces the opened stream `client` (its subscriber IRI is
+    /// `urn:streamline:<client id>`, as `GET /clients` lists it).
+    pub fn opened(&self, selectors: &[Selector], client: &str) {
+        if self
+            .subscriber
+            .set(format!("urn:streamline:{client}"))
+            .is_ok()
+        {
+            self.announce(selectors, true);
+        }
+    }
+
+    /// The subscription events of `selectors`, published on a task of
+    /// their own (a stream never waits for them; a failure is logged).
+    fn announce(&self, selectors: &[Selector], active: bool) {
+        let Some(subscriber) = self.subscriber.get() else {
+            return;
+        };
+        let events: Vec<NewEvent> = selectors
+            .iter()
+            .map(|s| {
+                let id = format!(
+                    "/.well-known/mercure/subscriptions/{}/{}",
+                    expand(s.as_str()),
+                    expand(subscriber)
+                );
+                let mut doc = serde_json::json!({
+                    "@context": "https://mercure.rocks/",
+                    "id": id,
+                    "type": "Subscription",
+                    "topic": s.as_str(),
+                    "subscriber": subscriber,
+                    "active": active,
+                });
+                if let Some(p) = &self.payload {
+                    doc["payload"] = p.clone();
+                }
+                let update = Update {
+                    topics: vec![id],
+                    private: true,
+                    id: None,
+                    kind: None,
+                    retry: None,
+                    data: doc.to_string(),
+                };
+                NewEvent {
+                    topic: self.topic.clone(),
+                    event: None,
+                    data: serde_json::to_string(&update).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let hub = self.hub.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = hub.publish_batch(&events).await {
+                    tracing::warn!(error = %e, "a Mercure subscription event was not published");
+                }
+            });
+        }
+    }
+}
+
+/// RFC 6570 simple expansion of one value: everything but unreserved
+/// characters percent-encoded.
+fn expand(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl MercureFilter {
@@ -189,11 +303,20 @@ pub(crate) async fn open(
             .stream_end(options.leeway)
             .filter(|_| options.end_at_expiry),
     };
+    let announcer = options
+        .subscriptions
+        .then(|| Announcer::new(hub.clone(), options.topic.clone(), claims.payload.clone()));
     let filter = Arc::new(MercureFilter {
         selectors: parsed.selectors,
         allowed: claims.subscribe,
+        announcer,
     });
-    let sub = hub.subscribe_filtered(mercure.topics(), resume.as_ref(), meta, filter)?;
+    let sub = hub.subscribe_filtered(mercure.topics(), resume.as_ref(), meta, filter.clone())?;
+    if let Some(a) = &filter.announcer {
+        // The subscriber is known once the hub has named the stream.
+        a.opened(&filter.selectors, sub.client().id());
+    }
+    drop(filter);
     tracing::debug!(
         client = %sub.client().id(),
         %client_ip,
@@ -222,6 +345,7 @@ mod tests {
         MercureFilter {
             selectors: p(selectors),
             allowed: p(allowed),
+            announcer: None,
         }
     }
 
@@ -264,6 +388,15 @@ mod tests {
         // The claim alone does not subscribe.
         let unsubscribed = filter(&["https://example.com/authors/{id}"], &["*"]);
         assert!(!unsubscribed.admits_update(&update(&[book], true)));
+    }
+
+    #[test]
+    fn expansion_encodes_all_but_unreserved() {
+        assert_eq!(
+            expand("https://example.com/{id}"),
+            "https%3A%2F%2Fexample.com%2F%7Bid%7D"
+        );
+        assert_eq!(expand("urn:streamline:ab-1"), "urn%3Astreamline%3Aab-1");
     }
 
     #[test]
