@@ -78,7 +78,8 @@ pub struct Config {
 
     /// Origin (`scheme://host[:port]`) whose pages may open streams from
     /// the browser cross-origin, with credentials (CORS); repeatable, or
-    /// comma-separated. Unset: no cross-origin streams.
+    /// comma-separated. Unset: the control plane's own origins when it
+    /// listens on loopback (for the operators' page), else none.
     #[arg(long, env = "STREAMLINE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
 

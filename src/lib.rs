@@ -190,6 +190,7 @@ impl Gateway {
         let control_addr = control.local_addr().unwrap_or(c.control_addr);
         let stream_addr = stream.local_addr().unwrap_or(c.stream_addr);
         let mut metrics = metrics::Metrics::new(hub.clone());
+        metrics.register_lifecycle(life.clone());
         if let Some(bus) = &kafka {
             bus.spawn(&life);
             metrics.register_kafka(bus.stats().clone());
@@ -206,6 +207,15 @@ impl Gateway {
         let mut stream_options = c.stream_options();
         stream_options.auth = c.stream_auth(&credentials);
         stream_options.mercure = mercure.clone();
+        if c.cors_allow_origin.is_empty()
+            && let Some(cors) = stream::cors::Cors::operators_page(control_addr)
+        {
+            tracing::info!(
+                origin = %format_args!("http://{control_addr}"),
+                "no --cors-allow-origin: the stream plane allows the operators' page's own origins (control plane on loopback)"
+            );
+            stream_options.cors = cors;
+        }
         tracker.spawn(stream::serve(
             stream,
             hub.clone(),
@@ -224,6 +234,7 @@ impl Gateway {
                 client_ip::TrustedProxies::new(c.trusted_proxy.clone()),
                 c.publish_rate,
             )),
+            addrs: Some((control_addr, stream_addr)),
         };
         let mut router = control::router(state, c.max_body);
         if let Some(m) = &mercure {

@@ -625,6 +625,7 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
             cluster: None,
             replica: "test".into(),
             access: Arc::new(control::auth::Access::open()),
+            addrs: None,
         };
         control::router(state, 64)
     };
@@ -647,6 +648,7 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
                 Default::default(),
                 1,
             )),
+            addrs: None,
         };
         control::router(state, 64)
     };
@@ -832,6 +834,7 @@ fn protocol_lists_every_notice_reason_and_policy() {
 #[test]
 fn readme_lists_exactly_the_exported_metrics() {
     let mut metrics = Metrics::new(Hub::new(HubConfig::default()));
+    metrics.register_lifecycle(Lifecycle::new(CancellationToken::new()));
     metrics.register_redis(Arc::new(RedisStats::default()));
     metrics.register_kafka(Arc::new(KafkaStats::default()));
     let text = metrics.render();

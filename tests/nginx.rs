@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::nginx::{Cluster, SHIPPED, render};
+use common::nginx::{Cluster, Outcome, SHIPPED, render, split_attempts};
 use common::*;
 use serde_json::{Value, json};
 
@@ -126,16 +126,6 @@ async fn raw_request(addr: SocketAddr, request: &str) -> String {
     line
 }
 
-/// What one publish attempt through nginx came to.
-#[derive(Debug)]
-enum Outcome {
-    Accepted(String),
-    /// The replica went away under the request (nginx answered 502): the
-    /// event may or may not have been published, and nginx did not resend
-    /// it (PATCH is not idempotent).
-    Unknown,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
     let mut c = Cluster::start().await;
@@ -217,18 +207,7 @@ async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
         "the drained replica exits cleanly"
     );
 
-    let acked: BTreeMap<&str, &str> = attempts
-        .iter()
-        .filter_map(|(data, o)| match o {
-            Outcome::Accepted(id) => Some((id.as_str(), data.as_str())),
-            Outcome::Unknown => None,
-        })
-        .collect();
-    let unknown: BTreeSet<&str> = attempts
-        .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Unknown))
-        .map(|(data, _)| data.as_str())
-        .collect();
+    let (acked, unknown) = split_attempts(&attempts);
     // The events published after the reader stopped are still on their way.
     let mut seen: BTreeSet<String> = received.iter().map(|(id, _)| id.clone()).collect();
     while acked.keys().any(|id| !seen.contains(*id)) {

@@ -253,6 +253,49 @@ async fn shutdown_deregisters_this_replicas_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_with_scope_cluster_lists_every_live_replica() {
+    let redis = RedisServer::start().await;
+    let a = replica(&redis, "a", &[]).await;
+    let b = replica(&redis, "b", &[]).await;
+    let mut client = SseClient::connect(&b.stream_url("topic=st")).await;
+    client.client_id().await;
+
+    let url = a.control_url("/stats?scope=cluster");
+    eventually_async("a's stats list b with its client", || async {
+        let v = get_json(&url).await;
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["replica"] == "b" && r["clients"] == 1)
+    })
+    .await;
+    let v = get_json(&url).await;
+    let replicas = v["replicas"].as_array().unwrap();
+    let names: Vec<&str> = replicas
+        .iter()
+        .map(|r| r["replica"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"], "the answering replica first: {v}");
+    assert_eq!(v["replica"], "a");
+    for r in replicas {
+        assert_eq!(r["phase"], "serving");
+        assert!(r["at"].as_u64().unwrap() > 0);
+    }
+    // The default scope is this replica.
+    let local = get_json(&a.control_url("/stats")).await;
+    assert_eq!(local["replicas"].as_array().unwrap().len(), 1);
+
+    // A replica that stops leaves the list.
+    b.shutdown().await;
+    eventually_async("b gone from a's stats", || async {
+        let v = get_json(&url).await;
+        v["replicas"].as_array().unwrap().len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_large_batch_reaches_prompt_readers_on_every_replica_whole() {
     // More events than b's history and than --max-lag, in one PATCH that
     // reaches b through its Redis tail.

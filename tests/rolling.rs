@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::nginx::Cluster;
+use common::nginx::{Cluster, Outcome, split_attempts};
 use common::*;
 use serde_json::{Value, json};
 
@@ -92,16 +92,6 @@ async fn read_like_eventsource(
         // The reconnection delay EventSource waits, as the server set it.
         tokio::time::sleep(retry).await;
     }
-}
-
-/// What one publish attempt through nginx came to.
-#[derive(Debug)]
-enum Outcome {
-    Accepted(String),
-    /// nginx's `502 replica_failed`: the replica went away under the
-    /// request, which may or may not have been published (nginx does not
-    /// resend a PATCH).
-    Unknown,
 }
 
 /// Publishes `e0`, `e1`, … on `topic` through nginx about every 20 ms until
@@ -237,18 +227,7 @@ async fn rolling_restart(n: usize, order: &[usize]) {
     }
     stop.store(true, Ordering::SeqCst);
     let attempts = publisher.await.unwrap();
-    let acked: BTreeMap<&str, &str> = attempts
-        .iter()
-        .filter_map(|(data, o)| match o {
-            Outcome::Accepted(id) => Some((id.as_str(), data.as_str())),
-            Outcome::Unknown => None,
-        })
-        .collect();
-    let unknown: BTreeSet<&str> = attempts
-        .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Unknown))
-        .map(|(data, _)| data.as_str())
-        .collect();
+    let (acked, unknown) = split_attempts(&attempts);
 
     let mut total_reconnects = 0;
     for reader in readers {

@@ -45,6 +45,11 @@ pub struct ControlState {
     pub replica: Arc<str>,
     /// Who may call which route; [`auth::Access::open`] for none.
     pub access: Arc<auth::Access>,
+    /// This control plane's and the stream plane's addresses, when both
+    /// are served together: `GET /stats` names their ports so the
+    /// operators' page, opened on the control port, can find the stream
+    /// plane.
+    pub addrs: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 struct Routes {
@@ -77,6 +82,7 @@ fn routes() -> Routes {
     .add(Method::GET, "/clients/{id}", get_client)
     .add(Method::DELETE, "/clients/{id}", delete_client)
     .add(Method::GET, "/topics", list_topics)
+    .add(Method::GET, "/stats", stats)
     .add(Method::GET, "/metrics", metrics)
     .add(Method::PATCH, "/events", patch_events)
     .add(
@@ -158,7 +164,31 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
 
 /// Serves the control plane until the lifecycle stops; requests in flight
 /// then finish before this returns.
+///
+/// From the shutdown request on, every HTTP/1.1 answer carries
+/// `Connection: close`, so a proxy's kept-alive connections to this replica
+/// are gone before its listener closes. Otherwise a proxy may send a
+/// `PATCH` on an idle connection just as the replica closes it, and must
+/// answer 502 without knowing whether it was published (a `PATCH` is never
+/// retried on another replica).
 pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
+    let life_for_layer = life.clone();
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let life = life_for_layer.clone();
+            async move {
+                let http1 = req.version() == http::Version::HTTP_11;
+                let mut res = next.run(req).await;
+                if http1 && life.shutting_down() {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                res
+            }
+        },
+    ));
     // The peer's address feeds `--publish-rate` and `--trusted-proxy`.
     let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service)
@@ -241,7 +271,7 @@ async fn list_clients(
     clients.sort_by_key(|c| c.connected_at());
     let mut views: Vec<serde_json::Value> = Vec::with_capacity(clients.len());
     for c in &clients {
-        let mut v = serde_json::to_value(c.info()).unwrap_or_default();
+        let mut v = serde_json::to_value(s.hub.client_info(c)).unwrap_or_default();
         if cluster {
             // One replica without Redis is the whole cluster.
             v["replica"] = json!(&*s.replica);
@@ -253,7 +283,7 @@ async fn list_clients(
 
 async fn get_client(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let client = s.hub.client(&id).ok_or_else(|| unknown_client(&id))?;
-    Ok(Json(client.info()).into_response())
+    Ok(Json(s.hub.client_info(&client)).into_response())
 }
 
 /// Ends a stream on this replica or, with Redis, on whichever holds it.
@@ -280,6 +310,39 @@ fn unknown_client(id: &str) -> ApiError {
 
 async fn list_topics(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(json!({ "topics": s.hub.topics() }))
+}
+
+/// `GET /stats[?scope=cluster]`: this replica's counters now (with Redis
+/// and `scope=cluster`, also every other live replica's, as of its last
+/// registry refresh), for the operators' page to chart.
+async fn stats(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let mut cluster = false;
+    for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match (&*k, &*v) {
+            ("scope", "cluster") => cluster = true,
+            ("scope", "local") => cluster = false,
+            ("scope", _) => {
+                return Err(ApiError::bad_request(
+                    "invalid_scope",
+                    format!("scope must be local or cluster, not {v:?}"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut me = serde_json::to_value(s.hub.replica_stats(s.life.phase())).unwrap_or_default();
+    me["replica"] = json!(&*s.replica);
+    let mut replicas = vec![me];
+    if let (true, Some(registry)) = (cluster, &s.cluster) {
+        replicas.extend(registry.other_stats().await?);
+    }
+    let body = json!({
+        "replica": &*s.replica,
+        "control_port": s.addrs.map(|(control, _)| control.port()),
+        "stream_port": s.addrs.map(|(_, stream)| stream.port()),
+        "replicas": replicas,
+    });
+    Ok(Json(body).into_response())
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {

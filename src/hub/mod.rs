@@ -101,6 +101,38 @@ pub struct Totals {
     pub slow_skipped: AtomicU64,
     /// Lag samples taken (see [`Hub::sample_lag`]).
     pub lag_samples: AtomicU64,
+    /// Streams the drain closed (reason `shutdown`).
+    pub drain_closed: AtomicU64,
+}
+
+/// One replica's figures for `GET /stats`: the counters behind `/metrics`,
+/// read at one instant so a page can take rates from two of them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HubStats {
+    pub clients: usize,
+    pub topics: usize,
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub events_published: u64,
+    pub events_delivered: u64,
+    pub bytes_sent: u64,
+    pub slow_disconnected: u64,
+    pub slow_skipped: u64,
+    pub drain_closed: u64,
+    /// The most events any stream is behind its topics' heads.
+    pub max_lag: u64,
+}
+
+/// [`HubStats`] with when they were read and the shutdown phase, as
+/// `GET /stats` and the cluster registry show them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaStats {
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    /// See `Lifecycle::phase`.
+    pub phase: &'static str,
+    #[serde(flatten)]
+    pub hub: HubStats,
 }
 
 /// One row of `GET /topics`.
@@ -561,6 +593,72 @@ impl Hub {
     fn new_client_id(&self) -> Arc<str> {
         let n = self.next_client.fetch_add(1, Relaxed);
         format!("{:08x}-{n}", self.client_tag).into()
+    }
+
+    /// How many events `client` is behind its topics' heads, summed over
+    /// its rings: the events published that it has not written yet (history
+    /// it resumed from included; none while it reads history from a bus).
+    /// `None` when its rings cannot be matched to its cursors (a partition
+    /// was added since it subscribed).
+    pub fn lag_of(&self, client: &Client) -> Option<u64> {
+        let rings: Vec<Arc<Topic>> = client.topics().iter().flat_map(|t| self.rings(t)).collect();
+        if rings.len() != client.ring_count() {
+            return None;
+        }
+        let behind = rings.iter().enumerate().map(|(i, ring)| {
+            let cursor = client.cursor(i);
+            ring.head().0.saturating_sub(cursor)
+        });
+        Some(behind.fold(0u64, u64::saturating_add))
+    }
+
+    /// `/clients`' view of a client: [`Client::info`] and its lag.
+    pub fn client_info(&self, client: &Client) -> ClientInfo {
+        ClientInfo {
+            lag: self.lag_of(client),
+            ..client.info()
+        }
+    }
+
+    /// This replica's counters now.
+    pub fn stats(&self) -> HubStats {
+        let t = &self.totals;
+        let clients = self.clients();
+        let (mut delivered, mut bytes, mut max_lag) = (
+            t.closed_events_sent.load(Relaxed),
+            t.closed_bytes_sent.load(Relaxed),
+            0,
+        );
+        for c in &clients {
+            delivered += c.events_sent();
+            bytes += c.bytes_sent();
+            max_lag = max_lag.max(self.lag_of(c).unwrap_or(0));
+        }
+        HubStats {
+            clients: clients.len(),
+            topics: self.topic_count(),
+            connections_opened: t.connections_opened.load(Relaxed),
+            connections_closed: t.connections_closed.load(Relaxed),
+            events_published: t.events_published.load(Relaxed),
+            events_delivered: delivered,
+            bytes_sent: bytes,
+            slow_disconnected: t.slow_disconnected.load(Relaxed),
+            slow_skipped: t.slow_skipped.load(Relaxed),
+            drain_closed: t.drain_closed.load(Relaxed),
+            max_lag,
+        }
+    }
+
+    /// [`stats`](Self::stats), stamped with the time and `phase`.
+    pub fn replica_stats(&self, phase: &'static str) -> ReplicaStats {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        ReplicaStats {
+            at,
+            phase,
+            hub: self.stats(),
+        }
     }
 
     /// Every connected client, in no particular order.

@@ -366,3 +366,36 @@ impl Cluster {
         }
     }
 }
+
+/// What one publish attempt through nginx came to.
+#[derive(Debug)]
+pub enum Outcome {
+    Accepted(String),
+    /// The replica went away under the request (nginx's `502
+    /// replica_failed`): the event may or may not have been published, and
+    /// nginx does not resend a PATCH.
+    Unknown,
+}
+
+/// Splits publish attempts (data → outcome) into the acknowledged ones
+/// (id → data) and the data of those whose outcome is unknown.
+pub fn split_attempts(
+    attempts: &std::collections::BTreeMap<String, Outcome>,
+) -> (
+    std::collections::BTreeMap<&str, &str>,
+    std::collections::BTreeSet<&str>,
+) {
+    let mut acked = std::collections::BTreeMap::new();
+    let mut unknown = std::collections::BTreeSet::new();
+    for (data, outcome) in attempts {
+        match outcome {
+            Outcome::Accepted(id) => {
+                acked.insert(id.as_str(), data.as_str());
+            }
+            Outcome::Unknown => {
+                unknown.insert(data.as_str());
+            }
+        }
+    }
+    (acked, unknown)
+}
