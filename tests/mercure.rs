@@ -755,3 +755,48 @@ async fn subscription_events_announce_start_and_end() {
     .await;
     assert_eq!(anonymous.next_event().await.unwrap().data, "end");
 }
+
+/// curl, as the README shows it: `-N` to subscribe, `-d` to publish.
+#[tokio::test]
+async fn curl_subscribes_and_publishes() {
+    use tokio::io::AsyncBufReadExt;
+
+    let gw = gateway(&["--mercure-anonymous"]).await;
+    let mut sub = tokio::process::Command::new("curl")
+        .args(["-gsN", "--max-time", "20"])
+        .arg(format!(
+            "http://{}/.well-known/mercure?topic=https://example.com/books/{{id}}",
+            gw.stream
+        ))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl runs");
+    gw.wait_clients(1).await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-H"])
+        .arg(format!("Authorization: Bearer {}", publisher()))
+        .args([
+            "-d",
+            "topic=https://example.com/books/1",
+            "-d",
+            "data=from curl",
+        ])
+        .arg(format!("http://{}/.well-known/mercure", gw.control))
+        .output()
+        .await
+        .expect("curl runs");
+    let id = String::from_utf8(out.stdout).unwrap();
+    assert!(id.starts_with('#'), "the id: {id:?}");
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.contains(&"data: from curl".to_owned()) {
+        let line = tokio::time::timeout(common::WAIT, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("curl still reading");
+        seen.push(line);
+    }
+    assert!(seen.contains(&format!("id: {id}")), "{seen:?}");
+}
