@@ -324,6 +324,61 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_TRUSTED_PROXY", value_delimiter = ',', value_parser = network)]
     pub trusted_proxy: Vec<IpNet>,
 
+    /// Serve the Mercure protocol too: subscriptions at
+    /// `GET /.well-known/mercure` on the stream port, publishing at
+    /// `POST /.well-known/mercure` on the control port.
+    #[arg(long, env = "STREAMLINE_MERCURE")]
+    pub mercure: bool,
+
+    /// The hub topic that carries every Mercure update (with Kafka, map it
+    /// in --kafka-topics; one partition).
+    #[arg(long, env = "STREAMLINE_MERCURE_TOPIC", default_value = "mercure")]
+    pub mercure_topic: String,
+
+    /// HS256 secret (at least 32 bytes) of Mercure publishers' JWTs
+    /// (default: --jwt-secret or --jwt-public-key).
+    #[arg(
+        long,
+        env = "STREAMLINE_MERCURE_PUBLISHER_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub mercure_publisher_jwt_secret: Option<Secret>,
+
+    /// PEM file with the RS256/ES256 public key of Mercure publishers' JWTs.
+    #[arg(long, env = "STREAMLINE_MERCURE_PUBLISHER_JWT_PUBLIC_KEY")]
+    pub mercure_publisher_jwt_public_key: Option<PathBuf>,
+
+    /// HS256 secret of Mercure subscribers' JWTs (default: --jwt-secret or
+    /// --jwt-public-key).
+    #[arg(
+        long,
+        env = "STREAMLINE_MERCURE_SUBSCRIBER_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub mercure_subscriber_jwt_secret: Option<Secret>,
+
+    /// PEM file with the RS256/ES256 public key of Mercure subscribers' JWTs.
+    #[arg(long, env = "STREAMLINE_MERCURE_SUBSCRIBER_JWT_PUBLIC_KEY")]
+    pub mercure_subscriber_jwt_public_key: Option<PathBuf>,
+
+    /// Let Mercure subscribers without a JWT receive public updates.
+    #[arg(long, env = "STREAMLINE_MERCURE_ANONYMOUS")]
+    pub mercure_anonymous: bool,
+
+    /// The cookie that may carry a Mercure JWT.
+    #[arg(
+        long,
+        env = "STREAMLINE_MERCURE_COOKIE",
+        default_value = "mercureAuthorization"
+    )]
+    pub mercure_cookie: String,
+
+    /// Publish Mercure subscription events (private updates on
+    /// `/.well-known/mercure/subscriptions/{topic}/{subscriber}`) when a
+    /// Mercure subscription starts and ends.
+    #[arg(long, env = "STREAMLINE_MERCURE_SUBSCRIPTIONS")]
+    pub mercure_subscriptions: bool,
+
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(
         long,
@@ -366,6 +421,8 @@ pub enum ConfigError {
     },
     #[error("--{0}: {1}")]
     Kafka(&'static str, String),
+    #[error("--mercure: {0}")]
+    Mercure(String),
 }
 
 fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -451,7 +508,78 @@ impl Config {
         }
         self.credentials()?;
         self.kafka("")?;
+        self.mercure()?;
         Ok(())
+    }
+
+    /// Mercure's options with `--mercure` (key files read here).
+    pub fn mercure(&self) -> Result<Option<crate::mercure::MercureOptions>, ConfigError> {
+        if !self.mercure {
+            return Ok(None);
+        }
+        crate::topic::validate(&self.mercure_topic, crate::topic::MAX_TOPIC_LEN)
+            .map_err(|e| ConfigError::Mercure(format!("--mercure-topic: {e}")))?;
+        if self.mercure_cookie.is_empty() {
+            return Err(ConfigError::Empty("mercure-cookie"));
+        }
+        // A role's own key, else the gateway's.
+        let verifier = |secret: &Option<Secret>,
+                        key: &Option<PathBuf>,
+                        flag: &'static str|
+         -> Result<Option<Arc<Verifier>>, ConfigError> {
+            let (secret, key) = if secret.is_some() || key.is_some() {
+                (secret.clone(), key.as_deref().map(|p| (flag, p)))
+            } else {
+                (
+                    self.jwt_secret.clone(),
+                    self.jwt_public_key
+                        .as_deref()
+                        .map(|p| ("--jwt-public-key", p)),
+                )
+            };
+            let public_key = key.map(|(flag, p)| read_file(flag, p)).transpose()?;
+            Ok(Verifier::new(&JwtOptions {
+                secret,
+                public_key,
+                leeway: self.jwt_leeway,
+                // Mercure's tokens often have no `exp`; one that has it is
+                // checked.
+                require_exp: false,
+                ..JwtOptions::default()
+            })?
+            .map(Arc::new))
+        };
+        let publisher = verifier(
+            &self.mercure_publisher_jwt_secret,
+            &self.mercure_publisher_jwt_public_key,
+            "--mercure-publisher-jwt-public-key",
+        )?;
+        let subscriber = verifier(
+            &self.mercure_subscriber_jwt_secret,
+            &self.mercure_subscriber_jwt_public_key,
+            "--mercure-subscriber-jwt-public-key",
+        )?;
+        if publisher.is_none() {
+            return Err(ConfigError::Mercure(
+                "needs a publisher key: --mercure-publisher-jwt-secret or --mercure-publisher-jwt-public-key (or --jwt-secret / --jwt-public-key)".into(),
+            ));
+        }
+        if subscriber.is_none() && !self.mercure_anonymous {
+            return Err(ConfigError::Mercure(
+                "nobody could subscribe: give a subscriber key or --mercure-anonymous".into(),
+            ));
+        }
+        Ok(Some(crate::mercure::MercureOptions {
+            topic: self.mercure_topic.clone(),
+            anonymous: self.mercure_anonymous,
+            cookie: self.mercure_cookie.clone(),
+            publisher,
+            subscriber,
+            max_selectors: self.max_stream_topics,
+            end_at_expiry: !self.jwt_allow_expiry_during_stream,
+            leeway: self.jwt_leeway,
+            subscriptions: self.mercure_subscriptions,
+        }))
     }
 
     /// The Kafka bus's options, with `--kafka-brokers`.
@@ -529,6 +657,7 @@ impl Config {
             leeway: self.jwt_leeway,
             topics_claim: self.jwt_topics_claim.clone(),
             publish_claim: self.jwt_publish_claim.clone(),
+            require_exp: true,
         })?;
         if jwt.is_none() {
             for (flag, set) in [
@@ -623,6 +752,8 @@ impl Config {
             trusted_proxies: crate::client_ip::TrustedProxies::new(self.trusted_proxy.clone()),
             // Set from `credentials()` by whoever runs the plane.
             auth: None,
+            // Set from `mercure()` by whoever runs the plane.
+            mercure: None,
         }
     }
 

@@ -23,6 +23,9 @@
 //! - [`limits`] — per-client bounds (token-bucket rate limits, streams per
 //!   address); [`client_ip`] — the client's address, through trusted
 //!   proxies.
+//! - [`mercure`] — the Mercure protocol beside Streamline's own: its
+//!   subscriptions on the stream plane, publishing on the control plane,
+//!   its updates carried by one hub topic.
 //! - [`config`], [`error`], [`metrics`], [`demo`] — configuration, the JSON
 //!   error body, Prometheus metrics, the `--demo` publisher.
 //!
@@ -44,6 +47,7 @@ pub mod id;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
+pub mod mercure;
 pub mod metrics;
 pub mod sse;
 pub mod stream;
@@ -74,6 +78,7 @@ pub struct Gateway {
     kafka: Option<Arc<KafkaBus>>,
     replica: Arc<str>,
     credentials: auth::Credentials,
+    mercure: Option<Arc<mercure::Mercure>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +115,9 @@ impl Gateway {
         let control = bind("control", config.control_addr).await?;
         let stream = bind("stream", config.stream_addr).await?;
         let hub = Hub::new(config.hub());
+        let mercure = config
+            .mercure()?
+            .map(|options| mercure::Mercure::install(options, &hub));
         let tracker = TaskTracker::new();
         let replica: Arc<str> = config.replica_id().into();
         let redis = match &config.redis_url {
@@ -149,6 +157,7 @@ impl Gateway {
             kafka,
             replica,
             credentials,
+            mercure,
         })
     }
 
@@ -179,6 +188,7 @@ impl Gateway {
             kafka,
             replica,
             credentials,
+            mercure,
         } = self;
         let life = Lifecycle::with_tracker(shutdown, tracker.clone());
         let control_addr = control.local_addr().unwrap_or(c.control_addr);
@@ -200,6 +210,7 @@ impl Gateway {
 
         let mut stream_options = c.stream_options();
         stream_options.auth = c.stream_auth(&credentials);
+        stream_options.mercure = mercure.clone();
         if c.cors_allow_origin.is_empty()
             && let Some(cors) = stream::cors::Cors::operators_page(control_addr)
         {
@@ -243,10 +254,16 @@ impl Gateway {
             )),
             addrs: Some((control_addr, stream_addr)),
         };
-        let router = control::router(state, c.max_body);
+        let mut router = control::router(state, c.max_body);
+        if let Some(m) = &mercure {
+            router = router.layer(axum::Extension(m.clone()));
+        }
         control::spawn_dedicated(control, router, control_options, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
+        if let Some(m) = &mercure {
+            tracker.spawn(m.clone().follow(hub.clone(), life.clone()));
+        }
         if c.demo {
             tracker.spawn(demo::run(hub.clone(), life.clone()));
         }

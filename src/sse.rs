@@ -11,6 +11,8 @@
 //! contain CR or LF (the callers validate them; [`encode_event`] asserts it in
 //! debug builds).
 
+use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -26,10 +28,23 @@ pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
 
 /// An encoded event: `id: …\n` followed by the event's fields and the blank
 /// line that ends it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Frame {
     bytes: Bytes,
     body_start: usize,
+    /// What the encoder kept beside the bytes for filtering streams
+    /// (Mercure: an update's topics and whether it is private), decoded
+    /// once with the frame instead of once per stream.
+    tag: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("bytes", &self.bytes)
+            .field("tagged", &self.tag.is_some())
+            .finish()
+    }
 }
 
 impl Frame {
@@ -50,6 +65,17 @@ impl Frame {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+
+    /// The frame with `tag` kept beside it (see [`Frame::tag`]).
+    pub fn with_tag(mut self, tag: Arc<dyn Any + Send + Sync>) -> Self {
+        self.tag = Some(tag);
+        self
+    }
+
+    /// What its encoder kept beside the bytes, if anything.
+    pub fn tag(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.tag.as_ref()
+    }
 }
 
 fn has_line_break(s: &str) -> bool {
@@ -58,9 +84,20 @@ fn has_line_break(s: &str) -> bool {
 
 /// Encodes one event. `id` and `event` must not contain CR or LF.
 pub fn encode_event(id: &str, event: Option<&str>, data: &str) -> Frame {
+    encode_event_with_retry(id, event, None, data)
+}
+
+/// [`encode_event`] with a `retry:` field (milliseconds) after the event
+/// name, for protocols whose events carry one (Mercure).
+pub fn encode_event_with_retry(
+    id: &str,
+    event: Option<&str>,
+    retry: Option<u64>,
+    data: &str,
+) -> Frame {
     debug_assert!(!has_line_break(id));
     debug_assert!(!event.is_some_and(has_line_break));
-    let mut buf = BytesMut::with_capacity(id.len() + data.len() + 32);
+    let mut buf = BytesMut::with_capacity(id.len() + data.len() + 48);
     buf.put_slice(b"id: ");
     buf.put_slice(id.as_bytes());
     buf.put_u8(b'\n');
@@ -70,11 +107,15 @@ pub fn encode_event(id: &str, event: Option<&str>, data: &str) -> Frame {
         buf.put_slice(event.as_bytes());
         buf.put_u8(b'\n');
     }
+    if let Some(ms) = retry {
+        buf.put_slice(format!("retry: {ms}\n").as_bytes());
+    }
     put_data(&mut buf, data);
     buf.put_u8(b'\n');
     Frame {
         bytes: buf.freeze(),
         body_start,
+        tag: None,
     }
 }
 

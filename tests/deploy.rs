@@ -798,6 +798,24 @@ fn nginx_settings_match_the_gateway() {
         assert!(conf.contains(directive), "{directive}");
     }
     assert!(location(&conf, "~ ^/(health|ready|metrics)$").contains("deny all;"));
+    // Mercure on one origin: subscriptions are streams, publishes go to the
+    // control plane's route, treated as /events is.
+    let mercure = location(&conf, "= /.well-known/mercure");
+    for directive in [
+        "proxy_pass http://streamline_stream;",
+        "proxy_buffering off;",
+        "proxy_next_upstream error timeout http_502 http_503 http_504;",
+        "proxy_intercept_errors on;",
+        "error_page 502 503 504 = @stream_unavailable;",
+        "rewrite ^ /.well-known/mercure/publish last;",
+    ] {
+        assert!(mercure.contains(directive), "Mercure lacks {directive}");
+    }
+    let publish = location(&conf, "= /.well-known/mercure/publish");
+    assert!(publish.contains("internal;"));
+    assert!(publish.contains("proxy_pass http://streamline_control/.well-known/mercure;"));
+    assert!(publish.contains("error_page 502 503 504 = @control_unavailable;"));
+    assert!(control_paths().contains(streamline::mercure::PATH));
     let routes = control_paths();
     for public in ["= /events", "= /clients", "/clients/", "= /topics"] {
         let path = public.trim_start_matches("= ");

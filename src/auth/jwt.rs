@@ -36,6 +36,8 @@ pub struct JwtOptions {
     pub topics_claim: String,
     /// The claim listing the topics a publisher may publish to.
     pub publish_claim: String,
+    /// Refuse tokens without `exp` (Mercure's tokens often have none).
+    pub require_exp: bool,
 }
 
 impl Default for JwtOptions {
@@ -48,6 +50,7 @@ impl Default for JwtOptions {
             leeway: Duration::from_secs(30),
             topics_claim: "topics".into(),
             publish_claim: "publish".into(),
+            require_exp: true,
         }
     }
 }
@@ -141,7 +144,12 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = options.leeway.as_secs();
         validation.validate_nbf = true;
-        let mut required = vec!["exp"];
+        let mut required = Vec::new();
+        if options.require_exp {
+            required.push("exp");
+        } else {
+            validation.validate_exp = true;
+        }
         if let Some(iss) = &options.issuer {
             validation.set_issuer(&[iss]);
             required.push("iss");
@@ -169,11 +177,17 @@ impl Verifier {
         self.algorithm
     }
 
-    /// Checks `token` and reads what it grants.
-    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+    /// Checks `token` and returns its claims, for protocols with claims of
+    /// their own (Mercure's `mercure` claim).
+    pub fn verify_claims(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| self.error(e.kind()))?;
-        let claims = data.claims;
+        Ok(data.claims)
+    }
+
+    /// Checks `token` and reads what it grants.
+    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let claims = self.verify_claims(token)?;
         Ok(Grant {
             subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
             topics: patterns(&claims, &self.topics_claim)?,

@@ -87,6 +87,8 @@ fn need(method: &Method, path: &str) -> Need {
         "/" | "/health" | "/ready" if read => Need::Nothing,
         "/metrics" if read => Need::Metrics,
         "/events" if method == Method::PATCH => Need::Publisher,
+        // Mercure checks its own publisher JWT (src/mercure/publish.rs).
+        crate::mercure::PATH if method == Method::POST => Need::Nothing,
         _ => Need::Operator,
     }
 }

@@ -87,6 +87,11 @@ fn routes() -> Routes {
     .add(Method::GET, "/stats", stats)
     .add(Method::GET, "/metrics", metrics)
     .add(Method::PATCH, "/events", patch_events)
+    .add(
+        Method::POST,
+        crate::mercure::PATH,
+        crate::mercure::publish::publish,
+    )
 }
 
 /// Every (method, path) the control plane serves.
@@ -351,6 +356,16 @@ async fn publish(
     let IdempotencyHeader(key) = key?;
     let body = body.map_err(body_error)?;
     let events = events::parse_batch(&body)?;
+    // Mercure's topic takes only Mercure updates (POST /.well-known/mercure).
+    if let Some(e) = events
+        .iter()
+        .find(|e| s.hub.encoder_for(&e.topic).is_some())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            format!("topic: {:?} is reserved for Mercure updates", e.topic),
+        ));
+    }
     caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;
     let published = match key {
         Some(key) => {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use client::{Client, ClientInfo, ClientMeta};
-pub use subscription::{Chunk, Subscription};
+pub use subscription::{Chunk, Filter, Subscription};
 
 use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
@@ -85,6 +85,15 @@ pub enum HubError {
     Bus(#[from] BusError),
     #[error("topic {0:?} is not followed yet; retry")]
     NotFollowed(String),
+}
+
+/// Encodes the events of one topic differently from Streamline's own
+/// frames (Mercure: the update's own id, type and retry, and its topics
+/// kept beside the bytes for filtering). Runs where the hub would encode:
+/// once per event as it enters the ring (`live`), and per stream for
+/// history read back from a bus.
+pub trait Encoder: Send + Sync + 'static {
+    fn encode(&self, pos: Position, event: Option<&str>, data: &str, live: bool) -> sse::Frame;
 }
 
 /// Counters for `/metrics`; the per-client ones cover clients that are gone
@@ -165,6 +174,8 @@ pub struct Hub {
     bus: OnceLock<Arc<dyn Bus>>,
     /// Keys of in-memory publishes (a bus keeps its own).
     idempotency: idempotency::Table<idempotency::Answer>,
+    /// One topic whose events another protocol encodes (Mercure).
+    encoder: OnceLock<(Arc<str>, Arc<dyn Encoder>)>,
     started: Instant,
 }
 
@@ -218,6 +229,7 @@ impl Hub {
             totals: Totals::default(),
             bus: OnceLock::new(),
             idempotency,
+            encoder: OnceLock::new(),
             started: Instant::now(),
         })
     }
@@ -229,6 +241,28 @@ impl Hub {
 
     pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
         self.bus.get()
+    }
+
+    /// Has `encoder` encode topic `topic`'s events. Call before serving; a
+    /// hub takes one for life (false if it has one).
+    pub fn set_encoder(&self, topic: &str, encoder: Arc<dyn Encoder>) -> bool {
+        self.encoder.set((topic.into(), encoder)).is_ok()
+    }
+
+    /// The encoder of topic `name`, if it has its own.
+    pub fn encoder_for(&self, name: &str) -> Option<&Arc<dyn Encoder>> {
+        self.encoder
+            .get()
+            .filter(|(topic, _)| **topic == *name)
+            .map(|(_, e)| e)
+    }
+
+    /// The frame of an event of topic `name` at `pos`.
+    fn encode(&self, name: &str, pos: Position, event: Option<&str>, data: &str) -> sse::Frame {
+        match self.encoder_for(name) {
+            Some(e) => e.encode(pos, event, data, true),
+            None => sse::encode_event(&pos.id_in(name), event, data),
+        }
     }
 
     /// Milliseconds since the hub started (a monotonic clock for topics).
@@ -394,7 +428,7 @@ impl Hub {
         let appended = self.append(&t, |_| {
             let pos = Position::new(self.epoch, self.seq.fetch_add(1, Relaxed) + 1);
             id = pos.id_in(topic);
-            Some((pos, sse::encode_event(&id, event, data)))
+            Some((pos, self.encode(topic, pos, event, data)))
         });
         debug_assert!(appended.is_some(), "a local publish always appends");
         Ok((id, t))
@@ -478,7 +512,7 @@ impl Hub {
         };
         let appended = self
             .append(&t, |head| {
-                (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
+                (pos > head).then(|| (pos, self.encode(t.name(), pos, event, data)))
             })
             .is_some();
         if appended {
@@ -525,6 +559,11 @@ impl Hub {
     /// For buses: forgets a followed topic nobody has wanted for `linger`;
     /// true when it was forgotten (the bus then stops following it).
     pub fn forget_if_idle(&self, name: &str, linger: Duration) -> bool {
+        // A topic with its own encoder (Mercure's) is followed for good: its
+        // subscribers resume by ids only a replica that saw them knows.
+        if self.encoder_for(name).is_some() {
+            return false;
+        }
         let now = self.now_ms();
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let idle = topics.get(name).is_none_or(|t| {
@@ -559,7 +598,20 @@ impl Hub {
         resume: Option<&Cursor>,
         meta: ClientMeta,
     ) -> Result<Subscription, HubError> {
-        Subscription::open(self.clone(), topics, resume, meta)
+        Subscription::open(self.clone(), topics, resume, meta, None)
+    }
+
+    /// [`subscribe`](Self::subscribe) for a stream that writes only the
+    /// events `filter` admits (and no gap notices: its protocol has its
+    /// own way of telling a client it missed events).
+    pub fn subscribe_filtered(
+        self: &Arc<Self>,
+        topics: &[String],
+        resume: Option<&Cursor>,
+        meta: ClientMeta,
+        filter: Arc<dyn Filter>,
+    ) -> Result<Subscription, HubError> {
+        Subscription::open(self.clone(), topics, resume, meta, Some(filter))
     }
 
     fn register_client(&self, client: Arc<Client>) -> Result<(), HubError> {

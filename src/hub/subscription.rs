@@ -21,6 +21,13 @@ use crate::backend::{CatchUp, StoredEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason, GapReason};
 
+/// Decides, per event, whether a stream writes it: what the event's
+/// encoder kept beside its frame ([`sse::Frame::tag`]) against what the
+/// stream asked for and may see. Runs on the stream's task.
+pub trait Filter: Send + Sync + 'static {
+    fn admits(&self, frame: &sse::Frame) -> bool;
+}
+
 /// The cursor a topic shows publishers while it is read back from the bus:
 /// no lag, so a catching-up stream is never judged slow by the ring.
 const CATCHING_UP: u64 = u64::MAX;
@@ -66,6 +73,8 @@ pub struct Subscription {
     expiry_seen: u64,
     pending: VecDeque<Bytes>,
     ended: bool,
+    /// Only the events it admits are written; no gap notices either.
+    filter: Option<Arc<dyn Filter>>,
 }
 
 impl Subscription {
@@ -74,6 +83,7 @@ impl Subscription {
         topics: &[String],
         resume: Option<&Cursor>,
         meta: ClientMeta,
+        filter: Option<Arc<dyn Filter>>,
     ) -> Result<Subscription, HubError> {
         let bus = hub.bus().cloned();
         // With a bus, the rings of followed topics exist (`Hub::prepare`):
@@ -103,6 +113,7 @@ impl Subscription {
             next: 0,
             pending: VecDeque::new(),
             ended: false,
+            filter,
         };
         for (t, name) in topics.iter().enumerate() {
             // Dropping `sub` on error deregisters the client and the topics
@@ -176,6 +187,9 @@ impl Subscription {
             }
         }
         sub.subs = subs.into_boxed_slice();
+        if sub.filter.is_some() {
+            gaps.clear();
+        }
         for (index, reason) in gaps {
             let id = sub.cursor_id();
             pending.push_back(sse::gap_notice(
@@ -314,7 +328,12 @@ impl Subscription {
                     }
                     sub.skip_upto = None;
                     sub.last = pos;
-                    return Step::Chunk(if self.subs.len() == 1 {
+                    if self.filter.as_ref().is_some_and(|f| !f.admits(&frame)) {
+                        continue;
+                    }
+                    // A filtered stream's events keep their own ids (their
+                    // protocol's), however many rings it reads.
+                    return Step::Chunk(if self.subs.len() == 1 || self.filter.is_some() {
                         Chunk::One(frame.bytes().clone())
                     } else {
                         Chunk::Two(sse::id_line(&self.cursor_id()), frame.body())
@@ -351,12 +370,22 @@ impl Subscription {
             if let Some(ev) = reader.buf.pop_front() {
                 sub.last = ev.pos;
                 let name = sub.topic.name().clone();
+                if let Some(encoder) = self.hub.encoder_for(&name) {
+                    let frame = encoder.encode(ev.pos, ev.event.as_deref(), &ev.data, false);
+                    if self.filter.as_ref().is_some_and(|f| !f.admits(&frame)) {
+                        continue;
+                    }
+                    return Some(Step::Chunk(Chunk::One(frame.bytes().clone())));
+                }
                 let id = if self.subs.len() == 1 {
                     ev.pos.id_in(&name)
                 } else {
                     self.cursor_id()
                 };
                 let frame = sse::encode_event(&id, ev.event.as_deref(), &ev.data);
+                if self.filter.as_ref().is_some_and(|f| !f.admits(&frame)) {
+                    continue;
+                }
                 return Some(Step::Chunk(Chunk::One(frame.bytes().clone())));
             }
             match reader.rx.poll_recv(cx) {
@@ -367,8 +396,7 @@ impl Subscription {
                     sub.last = sub.last.max(upto);
                     let id = self.cursor_id();
                     let name = self.subs[i].topic.name().clone();
-                    self.pending
-                        .push_back(sse::gap_notice(&id, &name, GapReason::Expired));
+                    self.push_gap(sse::gap_notice(&id, &name, GapReason::Expired));
                     return Some(Step::Nothing);
                 }
                 Poll::Ready(Some(CatchUp::Gap)) => {
@@ -421,8 +449,14 @@ impl Subscription {
         sub.topic.hold(self.client.lag_base(i));
         let id = self.cursor_id();
         let name = self.subs[i].topic.name().clone();
-        self.pending
-            .push_back(sse::gap_notice(&id, &name, GapReason::Expired));
+        self.push_gap(sse::gap_notice(&id, &name, GapReason::Expired));
+    }
+
+    /// Queues a gap notice, unless the stream speaks another protocol.
+    fn push_gap(&mut self, notice: Bytes) {
+        if self.filter.is_none() {
+            self.pending.push_back(notice);
+        }
     }
 
     fn jump_to_live(&mut self, i: usize, reason: GapReason) {
@@ -432,7 +466,7 @@ impl Subscription {
         self.subs[i].skip_upto = None;
         let id = self.cursor_id();
         let name = self.subs[i].topic.name().clone();
-        self.pending.push_back(sse::gap_notice(&id, &name, reason));
+        self.push_gap(sse::gap_notice(&id, &name, reason));
     }
 
     fn fall_behind(&mut self, i: usize) {

@@ -97,10 +97,13 @@ fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// The query with the value of every `access_token` parameter replaced by
+/// The query with the value of every `access_token` (and Mercure's
+/// `authorization`) parameter replaced by
 /// [`REDACTED`]: what may be logged.
 pub fn redact_query(query: &str) -> Cow<'_, str> {
-    if !query.contains(TOKEN_PARAM) {
+    // Mercure's `authorization` parameter carries a token too.
+    const PARAMS: [&str; 2] = [TOKEN_PARAM, crate::mercure::auth::QUERY_PARAM];
+    if !PARAMS.iter().any(|p| query.contains(p)) && !query.contains('%') {
         return Cow::Borrowed(query);
     }
     let redacted: Vec<Cow<'_, str>> = query
@@ -111,7 +114,7 @@ pub fn redact_query(query: &str) -> Cow<'_, str> {
             let decoded: String = form_urlencoded::parse(key.as_bytes())
                 .map(|(k, _)| k.into_owned())
                 .collect();
-            if decoded == TOKEN_PARAM {
+            if PARAMS.contains(&decoded.as_str()) {
                 Cow::Owned(format!("{key}={REDACTED}"))
             } else {
                 Cow::Borrowed(pair)
@@ -179,6 +182,10 @@ mod tests {
             "access_token=[redacted]&access%5Ftoken=[redacted]&access_token=[redacted]"
         );
         assert_eq!(redact_query("my_access_token=x"), "my_access_token=x");
+        assert_eq!(
+            redact_query("topic=a&authorization=abc.def"),
+            "topic=a&authorization=[redacted]"
+        );
     }
 
     proptest! {

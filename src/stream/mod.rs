@@ -79,6 +79,8 @@ pub struct StreamOptions {
     pub trusted_proxies: TrustedProxies,
     /// Subscribers' authentication; `None`: anyone may subscribe.
     pub auth: Option<Arc<auth::StreamAuth>>,
+    /// Mercure subscriptions at `/.well-known/mercure` (`--mercure`).
+    pub mercure: Option<Arc<crate::mercure::Mercure>>,
 }
 
 impl Default for StreamOptions {
@@ -97,6 +99,7 @@ impl Default for StreamOptions {
             max_conn_rate_per_ip: 20,
             trusted_proxies: TrustedProxies::default(),
             auth: None,
+            mercure: None,
         }
     }
 }
@@ -192,10 +195,10 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions,
 
 /// What a connection's requests are served from.
 #[derive(Clone)]
-struct Plane {
-    hub: Arc<Hub>,
-    options: Arc<StreamOptions>,
-    limits: Arc<StreamLimits>,
+pub(crate) struct Plane {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) options: Arc<StreamOptions>,
+    pub(crate) limits: Arc<StreamLimits>,
 }
 
 /// Answers a connection over a limit with `error` and closes it: HTTP/1.1
@@ -453,6 +456,12 @@ async fn handle(
             .cors
             .preflight(req.headers())
             .map(|r| r.map(Either::Right))
+    } else if let Some(mercure) = options
+        .mercure
+        .as_ref()
+        .filter(|_| req.uri().path() == crate::mercure::PATH)
+    {
+        crate::mercure::subscribe::open(&req, remote, plane, ended, mercure).await
     } else {
         open_stream(&req, remote, plane, ended).await
     };
@@ -487,6 +496,14 @@ async fn open_stream(
         max_topic_len: options.max_topic_len,
     };
     let parsed = request::parse_with(req.method(), uri.path(), uri.query(), req.headers(), limits)?;
+    // A topic another protocol encodes (Mercure's, with private updates)
+    // is read only through that protocol's filter.
+    if let Some(t) = parsed.topics.iter().find(|t| hub.encoder_for(t).is_some()) {
+        return Err(ApiError::topic_not_allowed(
+            t,
+            "streaming (it is reserved for Mercure)",
+        ));
+    }
     if !hub.accepting() {
         return Err(ApiError {
             // An HTTP/1 client should reconnect elsewhere, not reuse this.
