@@ -5,7 +5,6 @@
 //! or when Kafka gives nothing for `--kafka-timeout`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -15,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::{Apply, Context, KafkaOptions, KafkaStats, decode, position};
+use super::{Apply, Context, KafkaOptions, decode, position};
 use crate::backend::{CatchUp, StoredEvent};
 use crate::id::Position;
 
@@ -24,7 +23,6 @@ const PAGE: usize = 500;
 
 pub(super) struct Reader<'a> {
     pub opts: &'a KafkaOptions,
-    pub stats: &'a KafkaStats,
     pub topic: &'a str,
     pub partition: i32,
 }
@@ -55,7 +53,7 @@ impl Reader<'_> {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "true")
             .apply(&self.opts.config)
-            .create_with_context(Context)
+            .create_with_context(Context::default())
         {
             Ok(c) => Arc::new(c),
             Err(e) => return Some(CatchUp::Failed(e.to_string())),
@@ -81,6 +79,8 @@ impl Reader<'_> {
                 .await;
         match low {
             Ok(Ok((low, _))) if (after.lo as i64) < low => return Some(CatchUp::Gap),
+            // Beyond the log's end: it started again since.
+            Ok(Ok((_, high))) if (after.lo as i64) > high => return Some(CatchUp::Reset),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Some(CatchUp::Failed(e.to_string())),
             Err(e) => return Some(CatchUp::Failed(e.to_string())),
@@ -123,6 +123,9 @@ impl Reader<'_> {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(_)) => break,
                 Err(e) if is_out_of_range(&e) => return Some(CatchUp::Gap),
+                // Stop fetching before the broker comes back: it may no
+                // longer know the topic (see the module doc of `kafka`).
+                Err(e) if super::brokers_lost(&e) => return Some(CatchUp::Failed(e.to_string())),
                 Err(e) => {
                     tracing::debug!(error = %e, "kafka catch-up consumer error");
                     if last_progress.elapsed() >= timeout {
@@ -136,17 +139,14 @@ impl Reader<'_> {
             if pos > until {
                 break;
             }
-            match decode(&m, &self.opts.event_header) {
-                Some((event, data)) => page.push(StoredEvent {
+            // A record that is not an event is skipped here too, but counted
+            // only by the shared consumer, which reads every record once.
+            if let Some((event, data)) = decode(&m, &self.opts.event_header) {
+                page.push(StoredEvent {
                     pos,
                     event: event.map(str::to_owned),
                     data: data.to_owned(),
-                }),
-                None => {
-                    if let Some(c) = self.stats.topics.get(topic) {
-                        c.skipped.fetch_add(1, Relaxed);
-                    }
-                }
+                });
             }
             if pos == until {
                 break;
