@@ -76,7 +76,7 @@ ready_times=() patch_times=()
 for c in $(seq "$cycles"); do
   resets_before=$(grep -c '"reason":"reset"' "$dir/stream")
   kill -9 "$broker"; wait "$broker" 2>/dev/null
-  wait_for '[ "$(ready)" = 503 ]' "$down"; rc=$?
+  wait_for '[ "$(ready)" = 503 ]' 10; rc=$?
   [ $rc = 2 ] && died
   [ $rc = 0 ] || { echo "cycle $c: /ready did not say 503 with the broker down"; exit 1; }
   sleep "$down"

@@ -79,8 +79,6 @@ impl Reader<'_> {
                 .await;
         match low {
             Ok(Ok((low, _))) if (after.lo as i64) < low => return Some(CatchUp::Gap),
-            // Beyond the log's end: it started again since.
-            Ok(Ok((_, high))) if (after.lo as i64) > high => return Some(CatchUp::Reset),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Some(CatchUp::Failed(e.to_string())),
             Err(e) => return Some(CatchUp::Failed(e.to_string())),

@@ -66,6 +66,8 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const RECONNECT_BACKOFF_MAX: &str = "1000";
 /// Bound on the watch's own requests (at most --kafka-timeout).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a record read back to check a log waits for it.
+const RECORD_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Lag is measured every this many metadata rounds.
 const LAG_EVERY: u32 = 5;
 
@@ -211,8 +213,11 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka also says "0/1 brokers are down" for a moment while
+        // it swaps the bootstrap address for the broker's own: not lost.
         if let Some(health) = &self.health
             && brokers_lost(&error)
+            && !reason.starts_with("0/")
         {
             health.brokers_lost.store(true, Relaxed);
             health.lost.notify_one();
@@ -258,6 +263,9 @@ pub struct KafkaBus {
     assigned: tokio::sync::Mutex<HashMap<String, HashSet<i32>>>,
     /// Kafka topics that did not exist at the last metadata fetch.
     missing: Mutex<HashSet<String>>,
+    /// The last record delivered, by ring key: its position and a
+    /// fingerprint of its content (see `same_log`).
+    last_records: Mutex<HashMap<String, (Position, u64)>>,
     catch_ups: Arc<Semaphore>,
     up: AtomicBool,
     stats: Arc<KafkaStats>,
@@ -295,6 +303,15 @@ fn fenced(code: RDKafkaErrorCode) -> bool {
 /// The hub key of an SSE topic's partition ring.
 fn ring_key(sse: &str, partition: i32) -> String {
     format!("{sse}#{partition}")
+}
+
+/// A record's content, to tell the same record from a new one at the same
+/// offset (a re-created log).
+fn fingerprint(event: Option<&str>, data: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (event, data).hash(&mut h);
+    h.finish()
 }
 
 /// A record's position: its partition, and the offset after it.
@@ -355,6 +372,7 @@ impl KafkaBus {
             hub: Arc::downgrade(hub),
             assigned: tokio::sync::Mutex::new(HashMap::new()),
             missing: Mutex::new(HashSet::new()),
+            last_records: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
             tracker,
         }))
@@ -449,14 +467,7 @@ impl KafkaBus {
             loop {
                 let msg = tokio::select! {
                     m = consumer.recv() => m,
-                    // librdkafka also says so for a moment while it swaps
-                    // the bootstrap address for the broker's own: check.
-                    _ = lost(&health) => {
-                        if self.reachable(&consumer).await {
-                            continue;
-                        }
-                        break;
-                    }
+                    _ = lost(&health) => break,
                     _ = self.replace_consumer.notified() => break,
                     _ = life.stopped() => break 'consumers,
                 };
@@ -468,22 +479,14 @@ impl KafkaBus {
                 }
             }
             // No record of the old consumer is delivered after this point:
-            // the new one starts where the rings are.
+            // the new one starts where the rings are. Stop its fetching
+            // first, at once: the watch may hold the assignment for a while.
+            let old = consumer.clone();
+            let _ = tokio::task::spawn_blocking(move || old.unassign()).await;
             drop(consumer);
             self.new_consumer().await;
         }
         self.close().await;
-    }
-
-    /// Whether `consumer` gets an answer from a broker within a moment.
-    async fn reachable(&self, consumer: &Arc<Cons>) -> bool {
-        let c = consumer.clone();
-        let answered = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(None, Duration::from_millis(300))
-                .map(|_| ())
-        })
-        .await;
-        matches!(answered, Ok(Ok(())))
     }
 
     /// Replaces the consumer by a fresh one with nothing assigned, unless
@@ -535,6 +538,10 @@ impl KafkaBus {
         };
         let key = ring_key(sse, m.partition());
         let pos = position(m.partition(), m.offset());
+        self.last_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (pos, fingerprint(event, data)));
         if !hub.publish_at(&key, pos, event, data) {
             // The consumer is assigned where the ring is, so a record at or
             // below the ring's head means the log restarted under it (the
@@ -743,9 +750,16 @@ impl KafkaBus {
                     .blocking(move |c| c.fetch_watermarks(&topic, p, timeout))
                     .await?;
                 let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+                // A high watermark below the ring's head: the log restarted —
+                // unless the record at the head is still there (Tansu's S3
+                // storage reports wrong high watermarks after a restart).
+                let restarted = match hub.ring_head(&key) {
+                    Some(head) if head.lo > high => !self.same_log(&key, &map.kafka, p, head).await,
+                    _ => false,
+                };
                 let from = match hub.ring_head(&key) {
                     // The log restarted below the ring: start again with it.
-                    Some(head) if head.lo > high => {
+                    Some(head) if restarted => {
                         resumed = true;
                         tracing::warn!(topic = %map.kafka, partition = p, was = head.lo, now = high, "kafka partition log was reset; its streams get a gap notice");
                         hub.reset_ring(&key, Position::new(p as u64, low));
@@ -788,6 +802,60 @@ impl KafkaBus {
         Ok(synced)
     }
 
+    /// Whether the partition still holds the record at `head` (the ring's
+    /// newest): read back, and compared by content with the last record
+    /// this replica delivered there, if it did. True when Kafka does not
+    /// tell.
+    async fn same_log(&self, key: &str, topic: &str, partition: i32, head: Position) -> bool {
+        let delivered = self
+            .last_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .filter(|(pos, _)| *pos == head);
+        match (self.record_at(topic, partition, head).await, delivered) {
+            (Some(found), Some((_, print))) => found == print,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// The fingerprint of the record at `pos` (the offset before it) read
+    /// back from Kafka; `None` when no event is there within a moment (some
+    /// brokers, Tansu among them, answer a fetch past the log's end with
+    /// nothing rather than an error).
+    async fn record_at(&self, topic: &str, partition: i32, pos: Position) -> Option<u64> {
+        if pos.lo == 0 {
+            return None;
+        }
+        let (tx, mut rx) = mpsc::channel(2);
+        let opts = KafkaOptions {
+            timeout: self.opts.timeout.min(RECORD_CHECK_TIMEOUT),
+            ..self.opts.clone()
+        };
+        let reader = catch_up::Reader {
+            opts: &opts,
+            topic,
+            partition,
+        };
+        // One record: the channel holds it, so `run` never waits on it.
+        let _ = reader
+            .run(Position::new(pos.hi, pos.lo - 1), pos, &tx)
+            .await;
+        drop(tx);
+        let mut found = None;
+        while let Some(msg) = rx.recv().await {
+            if let CatchUp::Events(events) = msg {
+                found = events
+                    .iter()
+                    .find(|e| e.pos == pos)
+                    .map(|e| fingerprint(e.event.as_deref(), &e.data));
+            }
+        }
+        found
+    }
+
     fn note_missing(&self, topic: &str, missing: bool) {
         let mut set = self.missing.lock().unwrap_or_else(|e| e.into_inner());
         if missing && set.insert(topic.to_owned()) {
@@ -801,9 +869,7 @@ impl KafkaBus {
     }
 
     /// Lag per partition: the high watermark minus the next offset the
-    /// partition's ring expects (records in Kafka not in the hub yet). A
-    /// high watermark below that means the log restarted: the consumer is
-    /// replaced, and assigned again from the log's start.
+    /// partition's ring expects (records in Kafka not in the hub yet).
     async fn measure_lag(&self) {
         let Some(hub) = self.hub.upgrade() else {
             return;
@@ -823,20 +889,15 @@ impl KafkaBus {
         let lags = self
             .blocking(move |c| {
                 let mut lags = BTreeMap::new();
-                let mut reset = false;
                 for (topic, p, next) in partitions {
                     let (_, high) = c.fetch_watermarks(&topic, p, timeout)?;
-                    reset |= high < next;
                     lags.insert((topic, p), (high - next).max(0));
                 }
-                Ok((lags, reset))
+                Ok(lags)
             })
             .await;
-        if let Ok((lags, reset)) = lags {
+        if let Ok(lags) = lags {
             *self.stats.lag.lock().unwrap_or_else(|e| e.into_inner()) = lags;
-            if reset {
-                self.replace_consumer.notify_one();
-            }
         }
     }
 }
@@ -1079,13 +1140,17 @@ impl Bus for KafkaBus {
                 _ = tx.closed() => return,
             };
             let timeout = bus.opts.timeout;
+            let topic_name = topic.clone();
             let high = bus
                 .blocking(move |c| c.fetch_watermarks(&topic, partition, timeout))
                 .await;
-            // Unknown (Kafka down): the stream waits for the ring, as for
-            // any point this replica has not reached.
+            // Beyond the high watermark, and no record there (the
+            // watermark alone is not trusted, see `sync_partitions`). When
+            // Kafka cannot tell, the stream waits for the ring, as for any
+            // point this replica has not reached.
             if let Ok((_, high)) = high
                 && pos.lo as i64 > high
+                && bus.record_at(&topic_name, partition, pos).await.is_none()
             {
                 let _ = tx.send(CatchUp::Reset).await;
             }
