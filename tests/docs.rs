@@ -769,7 +769,7 @@ fn protocol_lists_every_notice_reason_and_policy() {
     // added to the lists below (and so to PROTOCOL.md).
     fn _gap(r: GapReason) {
         match r {
-            GapReason::Expired | GapReason::Unknown | GapReason::Slow => {}
+            GapReason::Expired | GapReason::Unknown | GapReason::Slow | GapReason::Reset => {}
         }
     }
     fn _close(r: CloseReason) {
@@ -792,7 +792,12 @@ fn protocol_lists_every_notice_reason_and_policy() {
             .into_iter()
             .map(|r| r[0].clone()))
     };
-    let gaps = [GapReason::Expired, GapReason::Unknown, GapReason::Slow];
+    let gaps = [
+        GapReason::Expired,
+        GapReason::Unknown,
+        GapReason::Slow,
+        GapReason::Reset,
+    ];
     assert_eq!(
         reasons("### `streamline.gap`"),
         set(gaps.map(serialized)),

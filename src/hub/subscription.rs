@@ -355,7 +355,7 @@ impl Subscription {
                 }
                 Poll::Ready(Some(CatchUp::Reset)) => {
                     sub.catch_up = None;
-                    self.from_new_log(i);
+                    self.resume_new_log(i);
                     return Some(Step::Nothing);
                 }
                 Poll::Ready(Some(CatchUp::Failed(reason))) => {
@@ -408,7 +408,7 @@ impl Subscription {
     /// The stream's resume point is from before the bus's log started
     /// again: a gap notice (reason `reset`), then the new log from its
     /// start — from the ring, or read back from the bus first.
-    fn from_new_log(&mut self, i: usize) {
+    fn resume_new_log(&mut self, i: usize) {
         let start = Position::new(self.subs[i].last.hi, 0);
         self.subs[i].last = start;
         self.subs[i].skip_upto = None;
