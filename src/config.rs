@@ -78,7 +78,8 @@ pub struct Config {
 
     /// Origin (`scheme://host[:port]`) whose pages may open streams from
     /// the browser cross-origin, with credentials (CORS); repeatable, or
-    /// comma-separated. Unset: no cross-origin streams.
+    /// comma-separated. Unset: the control plane's own origins when it
+    /// listens on loopback (for the operators' page), else none.
     #[arg(long, env = "STREAMLINE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
 
@@ -86,15 +87,54 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_MAX_BODY", default_value_t = 1024 * 1024)]
     pub max_body: usize,
 
+    /// Most control-plane connections open at once; more wait in the
+    /// listen backlog until one closes. Kept apart from --max-connections, so
+    /// a flood of one plane cannot take the sockets the other needs.
+    #[arg(
+        long,
+        env = "STREAMLINE_CONTROL_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub control_max_connections: usize,
+
+    /// Time allowed for a control-plane client to send a request's headers
+    /// (also how long an idle keep-alive connection is kept).
+    #[arg(long, env = "STREAMLINE_CONTROL_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub control_header_read_timeout: Duration,
+
+    /// Time allowed for a control-plane client to send a whole request body,
+    /// from the end of its headers; past it the request gets 408.
+    #[arg(long, env = "STREAMLINE_CONTROL_BODY_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub control_body_read_timeout: Duration,
+
+    /// How long a PATCH /events Idempotency-Key is remembered: a retry with
+    /// the same key within it gets the first publish's ids and publishes
+    /// nothing (with Redis, in Redis; with Kafka and in memory, per replica,
+    /// see --idempotency-capacity).
+    #[arg(long, env = "STREAMLINE_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = duration)]
+    pub idempotency_window: Duration,
+
+    /// Most Idempotency-Keys a replica remembers at once (in memory, and
+    /// with Kafka); the oldest are forgotten first, even within the window.
+    #[arg(
+        long,
+        env = "STREAMLINE_IDEMPOTENCY_CAPACITY",
+        default_value_t = 100_000
+    )]
+    pub idempotency_capacity: usize,
+
     /// Events retained per topic for resume (Last-Event-ID).
     #[arg(long, env = "STREAMLINE_HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
 
-    /// How long a retained event stays available for resume.
+    /// How long a retained event stays available for resume (enforced on
+    /// every resume and replay).
     #[arg(long, env = "STREAMLINE_HISTORY_TTL", default_value = "5m", value_parser = duration)]
     pub history_ttl: Duration,
 
-    /// Events a stream may fall behind before the slow-client policy applies.
+    /// Events a stream may fall behind before the slow-client policy applies
+    /// (only events published before the previous one-second lag sample
+    /// count, so a large batch written promptly is not lag).
     #[arg(long, env = "STREAMLINE_MAX_LAG", default_value_t = 500)]
     pub max_lag: u64,
 
@@ -359,13 +399,28 @@ impl Config {
             ("max-clients", self.max_clients as u64),
             ("max-catch-up", self.max_catch_up as u64),
             ("max-topics", self.max_topics as u64),
+            (
+                "control-max-connections",
+                self.control_max_connections as u64,
+            ),
+            ("idempotency-capacity", self.idempotency_capacity as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.heartbeat.is_zero() {
-            return Err(ConfigError::Zero("heartbeat"));
+        for (name, d) in [
+            ("heartbeat", self.heartbeat),
+            (
+                "control-header-read-timeout",
+                self.control_header_read_timeout,
+            ),
+            ("control-body-read-timeout", self.control_body_read_timeout),
+            ("idempotency-window", self.idempotency_window),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
         }
         self.cors()?;
         for (flag, v, min, max) in [
@@ -454,6 +509,8 @@ impl Config {
             timeout: self.kafka_timeout,
             max_catch_up: self.max_catch_up,
             replica_id: replica_id.to_owned(),
+            idempotency_window: self.idempotency_window,
+            idempotency_capacity: self.idempotency_capacity,
         }))
     }
 
@@ -539,6 +596,15 @@ impl Config {
         }
     }
 
+    /// The control plane's connection bounds.
+    pub fn control_options(&self) -> crate::control::serve::ControlOptions {
+        crate::control::serve::ControlOptions {
+            max_connections: self.control_max_connections,
+            header_read_timeout: self.control_header_read_timeout,
+            body_read_timeout: self.control_body_read_timeout,
+        }
+    }
+
     /// The stream plane's settings.
     pub fn stream_options(&self) -> crate::stream::StreamOptions {
         crate::stream::StreamOptions {
@@ -551,6 +617,7 @@ impl Config {
             max_header_size: self.max_header_size,
             h2_max_streams: self.h2_max_streams,
             max_connections: self.max_connections,
+            max_refusing: crate::stream::limits::MAX_REFUSING,
             max_streams_per_ip: self.max_streams_per_ip,
             max_conn_rate_per_ip: self.max_conn_rate_per_ip,
             trusted_proxies: crate::client_ip::TrustedProxies::new(self.trusted_proxy.clone()),
@@ -580,9 +647,15 @@ impl Config {
             history_ttl: self.history_ttl,
             max_lag: self.max_lag,
             slow_client_policy: self.slow_client_policy,
+            // Room for the frames of one PATCH of any shape (SSE framing of
+            // tiny events, or of payloads full of line breaks, is at most
+            // about 5x their JSON), so a batch reaches prompt readers whole.
+            pinned_bytes: self.max_body.saturating_mul(8),
             max_clients: self.max_clients,
             max_topics: self.max_topics,
             retry: self.retry,
+            idempotency_window: self.idempotency_window,
+            idempotency_capacity: self.idempotency_capacity,
         }
     }
 }

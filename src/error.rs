@@ -157,6 +157,24 @@ impl From<crate::backend::BusError> for ApiError {
             crate::backend::BusError::NoSuchTopic(detail) => {
                 ApiError::bad_request("invalid_topic", detail)
             }
+            // Not "unavailable": the events may be published already, and a
+            // blind retry may publish them twice.
+            crate::backend::BusError::OutcomeUnknown { .. } => ApiError {
+                retry_after: Some(2),
+                ..ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "publish_outcome_unknown",
+                    format!(
+                        "{e}; the events may or may not have been published: retry with \
+                         the same Idempotency-Key to publish them exactly once"
+                    ),
+                )
+            },
+            crate::backend::BusError::KeyReused(detail) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                detail,
+            ),
             e => ApiError::unavailable("backend_unavailable", e.to_string(), 2),
         }
     }

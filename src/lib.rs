@@ -11,6 +11,8 @@
 //!   clients, slow-client policy. Both planes share one `Arc<Hub>`.
 //! - [`sse`] — the wire format: each event encoded once, shared as `Bytes`.
 //! - [`id`] — event ids and resume cursors (`Last-Event-ID`).
+//! - [`idempotency`] — the `Idempotency-Key` of `PATCH /events`: safe
+//!   retries of a publish whose outcome is unknown.
 //! - [`topic`] — topic-name rules.
 //! - [`backend`] — buses that make events durable and shared between
 //!   replicas (Redis, or Kafka as source and bus); without one the hub is
@@ -39,6 +41,7 @@ pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod id;
+pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
@@ -118,6 +121,7 @@ impl Gateway {
                     timeout: config.redis_timeout,
                     max_catch_up: config.max_catch_up,
                     replica_id: replica.to_string(),
+                    idempotency_window: config.idempotency_window,
                 };
                 Some(RedisBus::new(opts, &hub, tracker.clone())?)
             }
@@ -180,6 +184,7 @@ impl Gateway {
         let control_addr = control.local_addr().unwrap_or(c.control_addr);
         let stream_addr = stream.local_addr().unwrap_or(c.stream_addr);
         let mut metrics = metrics::Metrics::new(hub.clone());
+        metrics.register_lifecycle(life.clone());
         if let Some(bus) = &kafka {
             bus.spawn(&life);
             metrics.register_kafka(bus.stats().clone());
@@ -195,6 +200,29 @@ impl Gateway {
 
         let mut stream_options = c.stream_options();
         stream_options.auth = c.stream_auth(&credentials);
+        if c.cors_allow_origin.is_empty()
+            && let Some(cors) = stream::cors::Cors::operators_page(control_addr)
+        {
+            tracing::info!(
+                origin = %format_args!("http://{control_addr}"),
+                "no --cors-allow-origin: the stream plane allows the operators' page's own origins (control plane on loopback)"
+            );
+            stream_options.cors = cors;
+        }
+        let mut control_options = c.control_options();
+        // Both planes' sockets must fit the open-files limit, or a flood of
+        // one makes accept fail on the other.
+        let wanted = control::serve::SocketBudget {
+            stream: stream_options.max_connections,
+            stream_refusals: stream_options.max_refusing,
+            control: control_options.max_connections,
+        };
+        if let Some(fitted) = control::serve::open_files_limit().and_then(|l| wanted.fit(l)) {
+            stream_options.max_connections = fitted.stream;
+            stream_options.max_refusing = fitted.stream_refusals;
+            control_options.max_connections = fitted.control;
+        }
+
         tracker.spawn(stream::serve(
             stream,
             hub.clone(),
@@ -213,9 +241,10 @@ impl Gateway {
                 client_ip::TrustedProxies::new(c.trusted_proxy.clone()),
                 c.publish_rate,
             )),
+            addrs: Some((control_addr, stream_addr)),
         };
         let router = control::router(state, c.max_body);
-        control::spawn_dedicated(control, router, life.clone());
+        control::spawn_dedicated(control, router, control_options, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
         if c.demo {
@@ -230,6 +259,18 @@ impl Gateway {
             backend = hub.bus().map_or("memory", |bus| bus.name()),
             "streamline listening"
         );
+        if hub.bus().is_none() {
+            // Said at start-up, where an operator reads: several replicas
+            // without a bus each serve their own events only. Naming the
+            // replica (--replica-id) suggests there are others: a warning.
+            const ALONE: &str = "no shared bus: this replica's events and history are its own; \
+                 run one replica, or give every replica --redis-url or --kafka-brokers";
+            if c.replica_id.is_some() {
+                tracing::warn!(backend = "memory", "{ALONE}");
+            } else {
+                tracing::info!(backend = "memory", "{ALONE}");
+            }
+        }
         auth::log_posture(
             credentials.jwt.is_some(),
             credentials.control_token.is_some(),

@@ -14,6 +14,7 @@
 //! gateway stops waiting and returns. A second signal exits at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -92,6 +93,21 @@ impl Lifecycle {
         self.stop.is_cancelled()
     }
 
+    /// The phase of the shutdown sequence this process is in, as the logs
+    /// and `/metrics` name it: `serving`, `not_ready`, `draining` or
+    /// `stopping`.
+    pub fn phase(&self) -> &'static str {
+        if self.is_stopped() {
+            "stopping"
+        } else if self.is_draining() {
+            "draining"
+        } else if self.shutting_down() {
+            "not_ready"
+        } else {
+            "serving"
+        }
+    }
+
     /// Tracks the gateway's tasks, so shutdown can wait for them.
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
@@ -127,6 +143,7 @@ pub async fn shut_down(life: &Lifecycle, hub: &Arc<Hub>, t: Timings) {
     tracing::info!(
         phase = "stopping",
         remaining = hub.client_count(),
+        drained = hub.totals().drain_closed.load(Relaxed),
         "closing listeners"
     );
     life.stop();
@@ -155,7 +172,9 @@ async fn close_spread(hub: &Hub, end: Instant) {
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        client.close(CloseReason::Shutdown);
+        if client.close(CloseReason::Shutdown) {
+            hub.totals().drain_closed.fetch_add(1, Relaxed);
+        }
     }
 }
 

@@ -17,6 +17,15 @@ use prometheus_client::registry::Registry;
 use crate::backend::kafka::KafkaStats;
 use crate::backend::redis::RedisStats;
 use crate::hub::Hub;
+use crate::lifecycle::Lifecycle;
+
+/// Topics labelled in the per-topic metrics: the ones with the most events
+/// published, so the label's cardinality stays bounded whatever
+/// `--max-topics` is.
+pub const TOP_TOPICS: usize = 20;
+
+/// Upper bounds of `streamline_clients_by_lag`, in events.
+const LAG_BUCKETS: [f64; 9] = [0.0, 1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
 
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +55,12 @@ impl Metrics {
             registry,
             patch_latency,
         }
+    }
+
+    /// Adds the shutdown phase (`streamline_lifecycle_phase`).
+    pub fn register_lifecycle(&mut self, life: Lifecycle) {
+        self.registry
+            .register_collector(Box::new(PhaseCollector(life)));
     }
 
     /// Adds the Kafka bus's figures.
@@ -139,6 +154,78 @@ impl Collector for HubCollector {
             "Times a stream skipped ahead for falling behind",
             skipped,
         )?;
+        let drained = t.drain_closed.load(Relaxed);
+        counter(
+            &mut e,
+            "drain_closed",
+            "Streams closed by a drain (reason shutdown)",
+            drained,
+        )?;
+        // The lag distribution as it is now: a histogram's buckets, but
+        // gauges (they go down as well as up), so `histogram_quantile`
+        // works on them without `rate`.
+        let mut by_lag = [0i64; LAG_BUCKETS.len()];
+        let (mut streams, mut max_lag) = (0i64, 0u64);
+        for c in &clients {
+            let Some(behind) = hub.lag_of(c) else {
+                continue;
+            };
+            streams += 1;
+            max_lag = max_lag.max(behind);
+            for (n, le) in by_lag.iter_mut().zip(LAG_BUCKETS) {
+                *n += i64::from(behind as f64 <= le);
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "clients_by_lag",
+            "Streams at most `le` events behind their topics' heads, now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (n, le) in by_lag.iter().zip(LAG_BUCKETS) {
+            let le = le.to_string();
+            ConstGauge::new(*n).encode(family.encode_family(&[("le", le.as_str())])?)?;
+        }
+        ConstGauge::new(streams).encode(family.encode_family(&[("le", "+Inf")])?)?;
+        gauge(
+            &mut e,
+            "client_lag_max",
+            "The most events any stream is behind its topics' heads, now",
+            max_lag as i64,
+        )?;
+        let mut topics = hub.topics();
+        topics.sort_by_key(|t| std::cmp::Reverse(t.events_published));
+        topics.truncate(TOP_TOPICS);
+        let mut family = e.encode_descriptor(
+            "topic_events_published",
+            "Events published, by topic (the 20 topics with the most)",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &topics {
+            let labels = [("topic", t.name.as_str())];
+            ConstCounter::new(t.events_published).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "topic_subscribers",
+            "Streams reading a topic, by topic (the 20 topics with the most events)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in &topics {
+            let labels = [("topic", t.name.as_str())];
+            ConstGauge::new(t.subscribers as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "backend_up",
+            "1 while the bus (redis or kafka) is reachable, else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(bus) = hub.bus() {
+            let labels = [("backend", bus.name())];
+            ConstGauge::new(i64::from(bus.is_up())).encode(family.encode_family(&labels)?)?;
+        }
         let running = hub.bus().map_or(0, |bus| bus.catch_ups_running());
         gauge(
             &mut e,
@@ -146,6 +233,29 @@ impl Collector for HubCollector {
             "History readers (resume beyond memory) running now",
             running,
         )?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct PhaseCollector(Lifecycle);
+
+/// The phases `streamline_lifecycle_phase` reports, in order.
+const PHASES: [&str; 4] = ["serving", "not_ready", "draining", "stopping"];
+
+impl Collector for PhaseCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let now = self.0.phase();
+        let mut family = e.encode_descriptor(
+            "lifecycle_phase",
+            "1 for the shutdown phase the process is in (serving, not_ready, draining, stopping)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for phase in PHASES {
+            let labels = [("phase", phase)];
+            ConstGauge::new(i64::from(phase == now)).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
@@ -226,6 +336,12 @@ impl Collector for KafkaCollector {
             "kafka_produce_errors",
             "Events PATCH /events could not get acknowledged by Kafka",
             errors,
+        )?;
+        counter(
+            &mut e,
+            "kafka_duplicates_dropped",
+            "Records not delivered: copies of a record with the same Idempotency-Key already delivered",
+            s.duplicates_dropped.load(Relaxed),
         )?;
         Ok(())
     }

@@ -126,9 +126,14 @@ pub fn preamble(retry: Duration, client_id: &str) -> Bytes {
 pub enum GapReason {
     /// The resume point is older than the retained history.
     Expired,
-    /// The resume point is not one this gateway knows (an earlier run, another
-    /// replica without a shared backend, or a position not yet reached).
+    /// The resume point is not one this gateway knows: a position not yet
+    /// reached (with a bus, such a point is skipped to instead).
     Unknown,
+    /// In-memory only: the resume point was minted by another replica or an
+    /// earlier run of this one. Without a shared bus (`--redis-url`,
+    /// `--kafka-brokers`) replicas share no events, so the client missed
+    /// whatever was published meanwhile.
+    UnknownOrigin,
     /// The client fell too far behind and skipped ahead (`skip` policy).
     Slow,
     /// The bus's log behind the topic started again (a Kafka topic deleted
@@ -330,7 +335,7 @@ pub(crate) mod tests {
         fn notices_are_one_event_each_whatever_their_fields(
             topic in "[A-Za-z0-9._-]{1,20}",
             id in "[A-Za-z0-9._-]{1,10}:[0-9]{1,20}-[0-9]{1,20}",
-            gap in prop::sample::select(vec![GapReason::Expired, GapReason::Unknown, GapReason::Slow]),
+            gap in prop::sample::select(vec![GapReason::Expired, GapReason::Unknown, GapReason::UnknownOrigin, GapReason::Slow]),
             close in prop::sample::select(vec![
                 CloseReason::Shutdown,
                 CloseReason::Slow,

@@ -168,3 +168,47 @@ async fn demo_publishes_the_time_on_topic_time() {
     humantime::parse_rfc3339(&ev.data)
         .unwrap_or_else(|e| panic!("{:?} is not a time: {e}", ev.data));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_without_a_bus_say_so_at_start_and_when_a_client_crosses_over() {
+    // A named replica suggests there are others: without a bus, a warning.
+    let mut a = BinaryGateway::start(&["--replica-id", "replica-a"]).await;
+    let mut b = BinaryGateway::start(&["--replica-id", "replica-b"]).await;
+    for gw in [&mut a, &mut b] {
+        let line = gw
+            .wait_log(
+                "no shared bus: this replica's events and history are its own; \
+                 run one replica, or give every replica --redis-url or --kafka-brokers",
+            )
+            .await;
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["backend"], "memory", "{line}");
+    }
+    // A client whose reconnect lands on the other replica is told it
+    // missed events, and the replica says why, once.
+    let id = publish_to(&http(), a.control, &json!({"topic": "t", "data": "on a"}))
+        .await
+        .remove(0);
+    for _ in 0..2 {
+        let mut s = SseClient::connect_with(&http(), &b.stream_url("topic=t"), Some(&id)).await;
+        s.client_id().await;
+        let gap = s.next_event().await.expect("a gap notice");
+        assert_eq!(gap.event, "streamline.gap");
+        assert_eq!(gap.data, r#"{"topic":"t","reason":"unknown_origin"}"#);
+    }
+    let told = b
+        .wait_log(
+            "a client resumed with an event id from another replica or an earlier run; \
+             without a shared bus (--redis-url or --kafka-brokers) replicas share no \
+             events, so it missed what was published meanwhile (told once per run)",
+        )
+        .await;
+    assert_eq!(told["level"], "WARN", "{told}");
+    b.signal("TERM");
+    b.wait_exit().await;
+    let mut again = 0;
+    while let Some(line) = b.logs.recv().await {
+        again += usize::from(line["message"] == told["message"]);
+    }
+    assert_eq!(again, 0, "told once per run");
+}

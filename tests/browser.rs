@@ -1,6 +1,6 @@
 //! A real browser (headless Chromium over the DevTools protocol) against
-//! real servers: `EventSource` through deploy/nginx across a replica's drain,
-//! cross-origin streams with and without `--cors-allow-origin`, and the
+//! real servers: `EventSource` through deploy/nginx across a replica's drain
+//! and across a moment with no replica at all, cross-origin streams with and without `--cors-allow-origin`, and the
 //! operators' page. Every assertion reads what the page itself recorded.
 
 mod common;
@@ -325,4 +325,346 @@ async fn the_operators_page_reaches_another_stream_origin_with_cors() {
     let id = gw.publish_one("operator-test", "across origins").await;
     let item = received_item(&page, &id).await;
     assert_eq!(item, json!(format!("{id} across origins")));
+}
+
+/// The text of the operators' page's cell `col` in client `id`'s row.
+fn client_cell(id: &str, col: &str) -> String {
+    format!(
+        "(td => td && td.textContent)(document.querySelector('#clients tr[data-client-id={}] td[data-col={}]'))",
+        json!(id),
+        json!(col)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
+    // As a new user would: `--demo` (an event every 2 s) and no other flag;
+    // the page opened on the control port, its stream on the stream port.
+    let gw = TestGateway::start_with(&["--demo"]).await;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(SseClient::connect(&gw.stream_url("topic=time")).await);
+    }
+    let browser = Browser::launch().await;
+    let page = browser.open(&gw.control_url("/")).await;
+    page.set_viewport(1280, 1000).await;
+    page.wait_for(
+        "the page's own stream opens on the other origin, with no flag",
+        "document.getElementById('stream-status').textContent.startsWith('(open')",
+    )
+    .await;
+    page.wait_for(
+        "four clients listed (three readers and the page)",
+        "document.getElementById('clients-count').textContent === '4'",
+    )
+    .await;
+
+    // Rates are averaged over a window: with one event every 2 s, none of
+    // them reads 0 once the page has a few seconds of samples.
+    page.wait_for(
+        "samples over more than the rate window on the publishes chart",
+        "Number(document.querySelector('svg[data-chart=publishes]').dataset.points) >= 8",
+    )
+    .await;
+    let rates = page
+        .eval(
+            "(() => { const o = window.streamlineOps, s = o.history.get(o.replica()); \
+             return s.slice(-5).map((_, k) => o.rateAt(s, s.length - 5 + k, 'events_published')); })()",
+        )
+        .await;
+    for r in rates.as_array().unwrap() {
+        let r = r.as_f64().expect("a rate");
+        assert!(r > 0.2 && r < 1.0, "publishes/s with the demo: {rates}");
+    }
+    let shown = page
+        .eval("document.getElementById('events-rate').textContent")
+        .await;
+    let shown: f64 = shown.as_str().unwrap().parse().expect("a number");
+    assert!(shown > 0.0, "the events/s figure reads {shown}");
+    for chart in ["clients", "deliveries", "bytes"] {
+        let points = page
+            .eval(&format!(
+                "Number(document.querySelector('svg[data-chart={chart}]').dataset.points)"
+            ))
+            .await;
+        assert!(points.as_u64().unwrap() >= 8, "{chart} chart: {points}");
+    }
+    // And they keep moving: the next poll adds a point.
+    let before = page
+        .eval("Number(document.querySelector('svg[data-chart=deliveries]').dataset.points)")
+        .await;
+    page.wait_for(
+        "a new point on the deliveries chart",
+        &format!(
+            "Number(document.querySelector('svg[data-chart=deliveries]').dataset.points) > {before}"
+        ),
+    )
+    .await;
+
+    // A client that stopped reading, and a burst on its topic: the page
+    // shows how many events it is behind, and the burst's topic on top.
+    let stalled = RawStream::open(gw.stream, "topic=bulk", Some(4096)).await;
+    gw.wait_clients(5).await;
+    let stalled_id = {
+        let list = get_json(&gw.control_url("/clients?topic=bulk")).await;
+        list["clients"][0]["id"].as_str().unwrap().to_owned()
+    };
+    let http = http();
+    let payload = "x".repeat(16 * 1024);
+    for b in 0..4 {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| json!({"topic": "bulk", "data": format!("{b}-{i} {payload}")}))
+            .collect();
+        publish_to(&http, gw.control, &json!(batch)).await;
+    }
+    page.wait_for(
+        "the stalled client's lag on the page",
+        &format!("Number({}) > 0", client_cell(&stalled_id, "lag")),
+    )
+    .await;
+    let listed = get_json(&gw.control_url(&format!("/clients/{stalled_id}"))).await;
+    assert!(
+        listed["lag"].as_u64().unwrap() > 0,
+        "GET /clients/{{id}}: {listed}"
+    );
+    page.wait_for(
+        "the most-behind figure",
+        "Number(document.getElementById('max-lag').textContent) > 0",
+    )
+    .await;
+    page.wait_for(
+        "the burst's topic first",
+        "document.querySelector('#topics tbody tr').dataset.topic === 'bulk'",
+    )
+    .await;
+
+    // Sorting and filtering the clients.
+    page.eval("document.querySelector('#clients th[data-sort=lag]').click()")
+        .await;
+    let first = page
+        .eval("document.querySelector('#clients tbody tr').dataset.clientId")
+        .await;
+    assert_eq!(first, json!(stalled_id), "sorted by lag, most behind first");
+    page.eval(
+        "(f => { f.value = 'curl-less-agent-that-matches-nothing'; f.dispatchEvent(new Event('input')); })(document.getElementById('client-filter'))",
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('#clients tbody tr').length")
+            .await,
+        json!(0)
+    );
+    page.eval(
+        "(f => { f.value = 'bulk'; f.dispatchEvent(new Event('input')); })(document.getElementById('client-filter'))",
+    )
+    .await;
+    assert_eq!(
+        page.eval(
+            "[...document.querySelectorAll('#clients tbody tr')].map(r => r.dataset.clientId)"
+        )
+        .await,
+        json!([stalled_id])
+    );
+    page.eval(
+        "(f => { f.value = ''; f.dispatchEvent(new Event('input')); })(document.getElementById('client-filter'))",
+    )
+    .await;
+
+    let dir = common::nginx::temp_dir("operators-page");
+    let shot = dir.join("operators-page.png");
+    page.screenshot(&shot).await;
+    println!("operators' page screenshot: {}", shot.display());
+    if let Ok(keep) = std::env::var("STREAMLINE_SCREENSHOT") {
+        std::fs::copy(&shot, keep).expect("copy the screenshot");
+    }
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    // Kick a reader from its row.
+    let mut victim = readers.pop().unwrap();
+    let victim_id = victim.client_id().await;
+    page.eval(&format!(
+        "document.querySelector('button.kick[data-client-id={}]').click()",
+        json!(victim_id)
+    ))
+    .await;
+    let last = victim.until_end().await;
+    assert_eq!(
+        last.last().map(|e| e.data.as_str()),
+        Some(r#"{"reason":"kicked"}"#)
+    );
+    page.wait_for(
+        "the kicked client's row gone",
+        &format!(
+            "!document.querySelector('#clients tr[data-client-id={}]')",
+            json!(victim_id)
+        ),
+    )
+    .await;
+    assert_eq!(
+        page.eval("window.streamlineOps.errors").await,
+        json!([]),
+        "no script error"
+    );
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_says_which_origin_to_allow_when_refused() {
+    // An explicit --cors-allow-origin replaces the loopback default, so the
+    // page (on the control port) may not open its stream.
+    let gw = TestGateway::start_with(&["--cors-allow-origin", "https://app.example"]).await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&gw.control_url("/")).await;
+    let help = page
+        .wait_for(
+            "the page's advice",
+            "document.getElementById('stream-help').textContent",
+        )
+        .await;
+    let origin = format!("http://{}", gw.control);
+    let help = help.as_str().unwrap();
+    assert!(
+        help.contains(&format!("--cors-allow-origin {origin}"))
+            && help.contains(&format!("STREAMLINE_CORS_ALLOW_ORIGIN={origin}")),
+        "{help}"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('stream-status').textContent")
+            .await,
+        json!("(refused)")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_charts_each_replica_and_kicks_across_them() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = redis.url();
+    let a = TestGateway::start_with(&["--redis-url", &url, "--replica-id", "a", "--demo"]).await;
+    let b = TestGateway::start_with(&["--redis-url", &url, "--replica-id", "b"]).await;
+    let mut on_b = SseClient::connect(&b.stream_url("topic=time")).await;
+    let on_b_id = on_b.client_id().await;
+    let mut on_a = SseClient::connect(&a.stream_url("topic=time")).await;
+    on_a.client_id().await;
+
+    let browser = Browser::launch().await;
+    let page = browser.open(&a.control_url("/")).await;
+    page.set_viewport(1280, 1000).await;
+    page.wait_for(
+        "a line per replica on the clients chart",
+        "document.querySelectorAll('svg[data-chart=clients] polyline').length === 2",
+    )
+    .await;
+    page.wait_for(
+        "both replicas listed",
+        "document.querySelectorAll('#replicas tbody tr').length === 2",
+    )
+    .await;
+    page.wait_for(
+        "b's client listed, with its replica",
+        &format!(
+            "(r => r && r.children[1].textContent === 'b')(document.querySelector('#clients tr[data-client-id={}]'))",
+            json!(on_b_id)
+        ),
+    )
+    .await;
+    // Both replicas deliver the demo's events: per-replica deliveries.
+    page.wait_for(
+        "deliveries charted for both replicas",
+        "document.querySelectorAll('svg[data-chart=deliveries] polyline').length === 2",
+    )
+    .await;
+    if let Ok(keep) = std::env::var("STREAMLINE_CLUSTER_SCREENSHOT") {
+        page.wait_for(
+            "15 s of samples",
+            "Number(document.querySelector('svg[data-chart=publishes]').dataset.points) >= 18",
+        )
+        .await;
+        page.screenshot(std::path::Path::new(&keep)).await;
+    }
+
+    // Kick b's client from the page served by a.
+    page.eval(&format!(
+        "document.querySelector('button.kick[data-client-id={}]').click()",
+        json!(on_b_id)
+    ))
+    .await;
+    let last = on_b.until_end().await;
+    assert_eq!(
+        last.last().map(|e| e.data.as_str()),
+        Some(r#"{"reason":"kicked"}"#)
+    );
+    page.wait_for(
+        "the kick reported",
+        &format!(
+            "document.getElementById('kick-status').textContent === {}",
+            json!(format!("kicked {on_b_id}"))
+        ),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_shows_why_the_stream_plane_refused_its_stream() {
+    // The origin is allowed (loopback default), but streams need a token.
+    let gw =
+        TestGateway::start_with(&["--jwt-secret", "operators-page-test-secret-32-bytes!"]).await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&gw.control_url("/")).await;
+    let help = page
+        .wait_for(
+            "the page's explanation",
+            "document.getElementById('stream-help').textContent",
+        )
+        .await;
+    let help = help.as_str().unwrap();
+    assert!(
+        help.starts_with("The stream plane answered 401 unauthorized"),
+        "{help}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_through_nginx_comes_back_after_every_replica_was_down() {
+    let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
+    let html = recorder("/stream?topic=outage", false);
+    let mut c = Cluster::start_with(&[
+        ("streamline.d/test-page.conf", page_conf),
+        ("www/test/recorder.html", &html),
+    ])
+    .await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    page.wait_for("the stream opens", "window.rec.opens === 1")
+        .await;
+    let body = json!({"topic": "outage", "data": "before"});
+    publish_to(&http(), c.nginx.addr, &body).await;
+    page.wait_for("the first event", "window.rec.got.length === 1")
+        .await;
+
+    // Every replica goes. nginx answers each reconnect with an event stream
+    // that carries `retry:` and ends: the browser keeps coming back, where
+    // a 502 or 503 would have closed the EventSource for good.
+    c.stop(0).await;
+    c.stop(1).await;
+    page.wait_for(
+        "two come-backs",
+        "window.rec.opens >= 3 && window.rec.errors >= 3",
+    )
+    .await;
+    assert_eq!(page.eval("window.rec.closed").await, false);
+
+    // One comes back: the browser resumes on it with its Last-Event-ID and
+    // gets what was published meanwhile.
+    c.restart(0).await;
+    let body = json!({"topic": "outage", "data": "after"});
+    publish_to(&http(), c.nginx.addr, &body).await;
+    page.wait_for(
+        "the event published after the outage",
+        "window.rec.got.length === 2",
+    )
+    .await;
+    let got = recorded(&page).await;
+    let data: Vec<&str> = got.iter().map(|(_, d)| d.as_str()).collect();
+    assert_eq!(data, ["before", "after"]);
+    assert_eq!(page.eval("window.rec.closed").await, false);
 }

@@ -245,6 +245,7 @@ async fn clients_lists_every_stream_with_its_details() {
             "connected_at",
             "events_sent",
             "id",
+            "lag",
             "protocol",
             "remote_addr",
             "topics",
@@ -267,6 +268,8 @@ async fn clients_lists_every_stream_with_its_details() {
     assert_eq!(i["user_agent"], Value::Null);
     assert_eq!(r["events_sent"], 2);
     assert_eq!(i["events_sent"], 0);
+    // Both have written every event of their topics.
+    assert_eq!((&r["lag"], &i["lag"]), (&json!(0), &json!(0)));
     assert_eq!(r["bytes_sent"], bytes_written(&reader_id, &got));
     assert_eq!(i["bytes_sent"], bytes_written(&idle_id, &[]));
 
@@ -508,4 +511,123 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
             assert!(!allow.contains(method), "{method} {path}: Allow {allow:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_lag_and_per_topic_metrics_show_who_is_behind() {
+    let gw = TestGateway::start_with(&["--heartbeat", "1h"]).await;
+    let mut reader = SseClient::connect(&gw.stream_url("topic=s")).await;
+    let reader_id = reader.client_id().await;
+    // A client that stopped reading, with a small receive window.
+    let stalled = RawStream::open(gw.stream, "topic=s", Some(4096)).await;
+    gw.wait_clients(2).await;
+    let payload = "x".repeat(16 * 1024);
+    let http = http();
+    for b in 0..4 {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| json!({"topic": "s", "data": format!("{b}-{i} {payload}")}))
+            .collect();
+        publish_to(&http, gw.control, &json!(batch)).await;
+    }
+    assert_eq!(reader.events(200).await.len(), 200);
+
+    // The reader is level with the topic's head; the stalled client is
+    // behind by what it has not been written, and stays there.
+    let lag_of = |list: &Value, id: &str| {
+        list["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .and_then(|c| c["lag"].as_u64())
+    };
+    let url = gw.control_url("/clients");
+    eventually_async("the reader level, the stalled client behind", || {
+        let url = url.clone();
+        let reader_id = reader_id.clone();
+        async move {
+            let list = get_json(&url).await;
+            list["clients"].as_array().unwrap().iter().all(|c| {
+                let lag = c["lag"].as_u64().unwrap();
+                if c["id"] == reader_id.as_str() {
+                    lag == 0
+                } else {
+                    lag > 0
+                }
+            })
+        }
+    })
+    .await;
+    let list = get_json(&url).await;
+    let stalled_id = list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] != reader_id.as_str())
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let stalled_lag = lag_of(&list, &stalled_id).unwrap();
+    assert!(stalled_lag < 200, "some of it was written: {list}");
+    let one = get_json(&gw.control_url(&format!("/clients/{stalled_id}"))).await;
+    assert!(one["lag"].as_u64().unwrap() > 0, "{one}");
+
+    let stats = get_json(&gw.control_url("/stats")).await;
+    let me = &stats["replicas"][0];
+    assert_eq!(stats["replicas"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(me["replica"], stats["replica"]);
+    assert_eq!(stats["control_port"], gw.control.port());
+    assert_eq!(stats["stream_port"], gw.stream.port());
+    assert_eq!(me["phase"], "serving");
+    assert_eq!(me["clients"], 2);
+    assert_eq!(me["topics"], 1);
+    assert_eq!(me["events_published"], 200);
+    assert!(me["max_lag"].as_u64().unwrap() > 0, "{me}");
+    assert!(me["events_delivered"].as_u64().unwrap() >= 200, "{me}");
+    assert!(me["at"].as_u64().unwrap() > 1_700_000_000_000, "{me}");
+    // Without Redis this replica is the cluster.
+    let cluster = get_json(&gw.control_url("/stats?scope=cluster")).await;
+    assert_eq!(cluster["replicas"].as_array().unwrap().len(), 1);
+    let res = http
+        .get(gw.control_url("/stats?scope=galaxy"))
+        .send()
+        .await
+        .unwrap();
+    expect_api_error(res, 400, "invalid_scope").await;
+
+    let text = scrape(&gw).await;
+    for (name, value) in [
+        ("streamline_clients_by_lag{le=\"+Inf\"}", 2.0),
+        ("streamline_clients_by_lag{le=\"0\"}", 1.0),
+        (
+            "streamline_topic_events_published_total{topic=\"s\"}",
+            200.0,
+        ),
+        ("streamline_topic_subscribers{topic=\"s\"}", 2.0),
+        ("streamline_lifecycle_phase{phase=\"serving\"}", 1.0),
+        ("streamline_lifecycle_phase{phase=\"draining\"}", 0.0),
+        ("streamline_drain_closed_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, name), value, "{name}");
+    }
+    assert!(sample(&text, "streamline_client_lag_max") > 0.0);
+
+    // Per-topic series are bounded: only the busiest topics are labelled.
+    for t in 0..30 {
+        gw.publish_one(&format!("t{t}"), "x").await;
+    }
+    let text = scrape(&gw).await;
+    let labelled = text
+        .lines()
+        .filter(|l| l.starts_with("streamline_topic_events_published_total{"))
+        .count();
+    assert_eq!(labelled, streamline::metrics::TOP_TOPICS, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "streamline_topic_events_published_total{topic=\"s\"}"
+        ),
+        200.0,
+        "the busiest topic stays labelled"
+    );
+    drop(stalled);
 }

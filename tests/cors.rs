@@ -95,6 +95,48 @@ async fn other_origins_get_no_cors_headers_and_a_403_preflight() {
 }
 
 #[tokio::test]
+async fn with_no_flag_a_loopback_control_plane_s_own_origins_are_allowed() {
+    // The quick start: the operators' page on the control port opens its
+    // stream on the stream port, another origin.
+    let gw = TestGateway::start().await;
+    let port = gw.control.port();
+    for origin in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        let res = stream(&gw, Some(&origin)).await;
+        assert_eq!(res.headers()["access-control-allow-origin"], &*origin);
+        assert_eq!(res.headers()["access-control-allow-credentials"], "true");
+        drop(res);
+        assert_eq!(preflight(&gw, Some(&origin)).await.status(), 204);
+    }
+    // Another port on the same host is another origin, and is refused.
+    let other = format!("http://127.0.0.1:{}", gw.stream.port());
+    let res = stream(&gw, Some(&other)).await;
+    assert_eq!(cors_headers(&res), Vec::<String>::new());
+    drop(res);
+
+    // A listed origin replaces the default.
+    let gw = TestGateway::start_with(&["--cors-allow-origin", ALLOWED]).await;
+    let own = format!("http://127.0.0.1:{}", gw.control.port());
+    let res = stream(&gw, Some(&own)).await;
+    assert_eq!(cors_headers(&res), Vec::<String>::new());
+}
+
+#[test]
+fn the_default_is_only_for_a_control_plane_on_loopback() {
+    use streamline::stream::cors::Cors;
+    assert!(Cors::operators_page("127.0.0.1:8080".parse().unwrap()).is_some());
+    assert!(Cors::operators_page("[::1]:8080".parse().unwrap()).is_some());
+    for public in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
+        assert!(
+            Cors::operators_page(public.parse().unwrap()).is_none(),
+            "{public}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_invalid_origin_is_a_start_up_error() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamline"))
         .args([

@@ -117,12 +117,21 @@ struct Kustomization {
     docs: Vec<Value>,
     /// The configMapGenerator env files, in order (later ones merge over).
     env_files: Vec<String>,
+    /// The secretGenerator literals (`KEY=VALUE`), in order.
+    secret_literals: Vec<String>,
+    /// The configMapGenerator `files`, by ConfigMap name.
+    config_files: BTreeMap<String, Vec<String>>,
+    /// `replicas:` overrides by Deployment name (outer ones win).
+    replicas: BTreeMap<String, u64>,
 }
 
 fn kustomization(dir: &str) -> Kustomization {
     let k = &yaml_docs(&read(&format!("{dir}/kustomization.yaml")))[0];
     let mut docs = Vec::new();
     let mut env_files = Vec::new();
+    let mut secret_literals = Vec::new();
+    let mut config_files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut replicas = BTreeMap::new();
     for r in k["resources"].as_array().expect("resources") {
         let r = r.as_str().unwrap();
         let path = root().join(dir).join(r);
@@ -132,6 +141,9 @@ fn kustomization(dir: &str) -> Kustomization {
             let base = kustomization(&rel);
             docs.extend(base.docs);
             env_files.extend(base.env_files);
+            secret_literals.extend(base.secret_literals);
+            config_files.extend(base.config_files);
+            replicas.extend(base.replicas);
         } else {
             docs.extend(yaml_docs(&read(&format!("{dir}/{r}"))));
         }
@@ -140,11 +152,29 @@ fn kustomization(dir: &str) -> Kustomization {
         for f in generator["envs"].as_array().into_iter().flatten() {
             env_files.push(format!("{dir}/{}", f.as_str().unwrap()));
         }
+        for f in generator["files"].as_array().into_iter().flatten() {
+            let name = generator["name"].as_str().unwrap().to_owned();
+            let file = format!("{dir}/{}", f.as_str().unwrap());
+            assert!(root().join(&file).exists(), "{file} does not exist");
+            config_files.entry(name).or_default().push(file);
+        }
+    }
+    for generator in k["secretGenerator"].as_array().into_iter().flatten() {
+        for l in generator["literals"].as_array().into_iter().flatten() {
+            secret_literals.push(l.as_str().unwrap().to_owned());
+        }
+    }
+    for r in k["replicas"].as_array().into_iter().flatten() {
+        let name = r["name"].as_str().unwrap().to_owned();
+        replicas.insert(name, r["count"].as_u64().unwrap());
     }
     Kustomization {
         dir: root().join(dir),
         docs,
         env_files,
+        secret_literals,
+        config_files,
+        replicas,
     }
 }
 
@@ -161,11 +191,16 @@ impl Kustomization {
     }
 
     /// The STREAMLINE_* settings the container gets: generated ConfigMap
-    /// entries, then its own `env` (literal values only).
+    /// entries, the generated Secret's, then its own `env` (literal values
+    /// only).
     fn settings(&self) -> BTreeMap<String, String> {
         let mut vars = BTreeMap::new();
         for f in &self.env_files {
             vars.extend(env_file(f));
+        }
+        for l in &self.secret_literals {
+            let (k, v) = l.split_once('=').expect("KEY=VALUE");
+            vars.insert(k.to_owned(), v.to_owned());
         }
         for e in self.container()["env"].as_array().into_iter().flatten() {
             if let Some(v) = e["value"].as_str() {
@@ -177,6 +212,15 @@ impl Kustomization {
 
     fn deployment(&self) -> &Value {
         self.the("Deployment", "streamline")
+    }
+
+    /// How many pods the Deployment `name` runs, after `replicas:`.
+    fn replicas_of(&self, name: &str) -> u64 {
+        self.replicas.get(name).copied().unwrap_or_else(|| {
+            self.the("Deployment", name)["spec"]["replicas"]
+                .as_u64()
+                .unwrap()
+        })
     }
 
     fn container(&self) -> &Value {
@@ -205,12 +249,17 @@ fn kubernetes_sets_only_variables_the_binary_reads() {
         for f in &k.env_files {
             vars.extend(env_file(f).into_keys());
         }
+        for l in &k.secret_literals {
+            vars.push(l.split_once('=').expect("KEY=VALUE").0.to_owned());
+        }
         assert_known(vars, dir);
         let refs = k.container()["envFrom"].as_array().unwrap();
         assert!(
             refs.iter()
-                .all(|r| r["configMapRef"]["name"] == "streamline"),
-            "{dir}: envFrom the generated ConfigMap"
+                .all(|r| r["configMapRef"]["name"] == "streamline"
+                    || (r["secretRef"]["name"] == "streamline"
+                        && r["secretRef"]["optional"] == true)),
+            "{dir}: envFrom the generated ConfigMap and the optional Secret"
         );
         // The whole set parses and passes the binary's own checks.
         config_from(&k.settings());
@@ -280,44 +329,111 @@ fn kubernetes_ports_and_probes_match_the_gateway() {
             }
         }
         assert_eq!(service_ports.len(), 2, "{dir}: a Service port per plane");
-        let ingress = k.the("Ingress", "streamline");
-        let annotations = &ingress["metadata"]["annotations"];
-        assert_eq!(
-            annotations["nginx.ingress.kubernetes.io/proxy-buffering"],
-            "off"
-        );
-        let read_timeout: u64 = annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(Duration::from_secs(read_timeout) > config.heartbeat * 4);
-        for rule in ingress["spec"]["rules"].as_array().unwrap() {
-            for p in rule["http"]["paths"].as_array().unwrap() {
-                let path = p["path"].as_str().unwrap();
-                let svc = &p["backend"]["service"];
-                let key = (
-                    svc["name"].as_str().unwrap().to_owned(),
-                    svc["port"]["name"].as_str().unwrap().to_owned(),
-                );
-                let target = service_ports
-                    .get(&key)
-                    .unwrap_or_else(|| panic!("{dir}: Ingress {path} → unknown {key:?}"));
-                if path == "/stream" {
-                    assert_eq!(target, "stream");
-                } else {
-                    assert_eq!(target, "control", "{path}");
-                    assert!(
-                        routes.iter().any(|r| r.starts_with(path)),
-                        "{path} is a control route"
+        // Every routed path reaches its plane; stream errors are answered by
+        // the come-back server, control errors pass through unchanged.
+        let mut routed = BTreeSet::new();
+        for ingress in k.of_kind("Ingress") {
+            let name = ingress["metadata"]["name"].as_str().unwrap();
+            let annotations = &ingress["metadata"]["annotations"];
+            let annotation = |key: &str| {
+                annotations[format!("nginx.ingress.kubernetes.io/{key}")]
+                    .as_str()
+                    .map(str::to_owned)
+            };
+            let next = annotation("proxy-next-upstream").unwrap_or_default();
+            assert!(!next.contains("non_idempotent"), "{dir}: {name}");
+            assert!(next.contains("error timeout"), "{dir}: {name}");
+            let mut planes = BTreeSet::new();
+            for rule in ingress["spec"]["rules"].as_array().unwrap() {
+                for p in rule["http"]["paths"].as_array().unwrap() {
+                    let path = p["path"].as_str().unwrap();
+                    routed.insert(path.to_owned());
+                    let svc = &p["backend"]["service"];
+                    let key = (
+                        svc["name"].as_str().unwrap().to_owned(),
+                        svc["port"]["name"].as_str().unwrap().to_owned(),
                     );
-                    assert!(
-                        !["/health", "/ready", "/metrics"].contains(&path),
-                        "{path} is not public"
-                    );
+                    let target = service_ports.get(&key).unwrap_or_else(|| {
+                        panic!("{dir}: Ingress {name} {path} → unknown {key:?}")
+                    });
+                    planes.insert(target.clone());
+                    if path == "/stream" {
+                        assert_eq!(target, "stream");
+                    } else {
+                        assert_eq!(target, "control", "{path}");
+                        assert!(
+                            routes.iter().any(|r| r.starts_with(path)),
+                            "{path} is a control route"
+                        );
+                        assert!(
+                            !["/health", "/ready", "/metrics"].contains(&path),
+                            "{path} is not public"
+                        );
+                    }
                 }
             }
+            assert_eq!(planes.len(), 1, "{dir}: Ingress {name} serves one plane");
+            if planes.contains("stream") {
+                assert_eq!(annotation("proxy-buffering").as_deref(), Some("off"));
+                let read_timeout: u64 = annotation("proxy-read-timeout").unwrap().parse().unwrap();
+                assert!(Duration::from_secs(read_timeout) > config.heartbeat * 4);
+                for code in ["http_502", "http_503", "http_504"] {
+                    assert!(next.contains(code), "{dir}: {name} retries {code}");
+                }
+                let tries: u64 = annotation("proxy-next-upstream-tries")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    tries == 0 || tries >= k.replicas_of("streamline"),
+                    "{dir}: {name}: every replica gets a try"
+                );
+                // No answer EventSource treats as final: nginx's own errors
+                // go to the come-back server, which answers come-back.conf.
+                let codes = annotation("custom-http-errors").unwrap();
+                assert_eq!(codes, "502,503,504", "{dir}: {name}");
+                let backend = annotation("default-backend").unwrap();
+                let svc = k.the("Service", &backend);
+                let selector = &svc["spec"]["selector"];
+                let deployment = k
+                    .of_kind("Deployment")
+                    .into_iter()
+                    .find(|d| &d["spec"]["template"]["metadata"]["labels"] == selector)
+                    .unwrap_or_else(|| panic!("{dir}: no pods behind {backend}"));
+                let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+                let map = volumes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find_map(|v| v["configMap"]["name"].as_str())
+                    .expect("the config from a ConfigMap");
+                let files = &k.config_files[map];
+                assert!(
+                    files.iter().any(|f| f.ends_with("/come-back.conf")),
+                    "{dir}: {backend} serves come-back.conf"
+                );
+                let port = svc["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+                let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+                let listens = container["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == port)
+                    .expect("the Service's target port")["containerPort"]
+                    .as_u64()
+                    .unwrap();
+                let conf = read("deploy/k8s/base/come-back.conf");
+                assert!(conf.contains(&format!("listen {listens};")), "{dir}");
+            } else {
+                // The gateway's own JSON errors reach the publisher.
+                assert_eq!(annotation("custom-http-errors"), None, "{dir}: {name}");
+                assert_eq!(annotation("proxy-body-size").as_deref(), Some("1m"));
+            }
         }
+        assert!(
+            routed.contains("/stream") && routed.contains("/events"),
+            "{dir}"
+        );
     }
 }
 
@@ -353,11 +469,17 @@ fn kubernetes_grace_period_covers_the_drain() {
             pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
             "streamline"
         );
-        let replicas = k.deployment()["spec"]["replicas"].as_u64().unwrap();
-        assert!(
-            replicas >= 2,
-            "{dir}: a drained replica's clients need another"
-        );
+        let replicas = k.replicas_of("streamline");
+        if config.redis_url.is_some() || config.kafka_brokers.is_some() {
+            assert!(
+                replicas >= 2,
+                "{dir}: a drained replica's clients need another"
+            );
+        } else {
+            // Replicas without a bus share no events: a client that lands
+            // on another one misses what was published on the first.
+            assert_eq!(replicas, 1, "{dir}: no bus, so one replica");
+        }
     }
 }
 
@@ -373,16 +495,37 @@ fn kubernetes_pods_run_locked_down() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert!(c["resources"]["limits"]["memory"].is_string());
     assert!(c["resources"]["requests"]["memory"].is_string());
-    let secret = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "STREAMLINE_REDIS_URL")
-        .expect("the Redis URL");
-    assert_eq!(
-        secret["valueFrom"]["secretKeyRef"]["name"], "streamline",
-        "from a Secret"
+    // Secrets (the Redis URL and its password) come from the Secret, never
+    // from the Deployment or the ConfigMap.
+    assert!(
+        !c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "STREAMLINE_REDIS_URL")
     );
+    let overlay = kustomization(K8S[1]);
+    assert!(
+        overlay
+            .env_files
+            .iter()
+            .all(|f| !env_file(f).contains_key("STREAMLINE_REDIS_URL"))
+    );
+    assert!(
+        overlay
+            .secret_literals
+            .iter()
+            .any(|l| l.starts_with("STREAMLINE_REDIS_URL=")),
+        "the example's Redis URL is in its Secret"
+    );
+    // The come-back server too.
+    let back = k.the("Deployment", "streamline-come-back");
+    let pod = &back["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let sc = &pod["containers"][0]["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
 }
 
 /// The Kafka topic names a `for t in a b; do … kafka-topics.sh …` command creates.
@@ -598,10 +741,45 @@ fn nginx_settings_match_the_gateway() {
     for directive in [
         "proxy_buffering off;",
         "gzip off;",
-        "proxy_next_upstream error timeout http_503;",
+        "proxy_next_upstream error timeout http_502 http_503 http_504;",
+        // The last replica's 503 too, so that error_page can replace it.
+        "proxy_intercept_errors on;",
+        "error_page 502 503 504 = @stream_unavailable;",
     ] {
         assert!(stream.contains(directive), "/stream lacks {directive}");
     }
+    // No passive health checks: a mark set by a draining replica's 503 is
+    // cleared only by a probe request that completes, which a stream never
+    // does (then nginx answers 502 "no live upstreams").
+    let servers: Vec<&str> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server ") && l.ends_with(';'))
+        .collect();
+    assert!(servers.len() >= 4, "{servers:?}");
+    for line in servers {
+        assert!(line.ends_with(" max_fails=0;"), "{line}");
+    }
+    // With no replica up: an event stream that ends at once, with retry:,
+    // the same answer the Kubernetes come-back server gives.
+    let come_back = location(&conf, "@stream_unavailable");
+    assert!(come_back.contains("default_type text/event-stream;"));
+    assert!(come_back.contains("Cache-Control \"no-store\""));
+    let body = |conf: &str| -> String {
+        conf.lines()
+            .find_map(|l| l.trim().strip_prefix("return 200 "))
+            .expect("a return 200")
+            .to_owned()
+    };
+    assert!(body(come_back).contains("retry: "));
+    assert_eq!(
+        body(come_back),
+        body(&read("deploy/k8s/base/come-back.conf")),
+        "nginx and the Kubernetes come-back server say the same"
+    );
+    let control_unavailable = location(&conf, "@control_unavailable");
+    assert!(control_unavailable.contains("default_type application/json;"));
+    assert!(control_unavailable.contains("Retry-After"));
     let timeout = stream
         .lines()
         .find_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
@@ -627,6 +805,8 @@ fn nginx_settings_match_the_gateway() {
             routes.iter().any(|r| r.starts_with(path)),
             "{path} is a control route"
         );
-        assert!(location(&conf, public).contains("proxy_pass http://streamline_control;"));
+        let block = location(&conf, public);
+        assert!(block.contains("proxy_pass http://streamline_control;"));
+        assert!(block.contains("error_page 502 503 504 = @control_unavailable;"));
     }
 }

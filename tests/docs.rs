@@ -18,6 +18,7 @@ use streamline::auth::{Credentials, JwtOptions, Secret, Verifier};
 use streamline::backend::kafka::KafkaStats;
 use streamline::backend::redis::RedisStats;
 use streamline::backend::{Bus, BusError, CatchUp, NewEvent};
+use streamline::control::serve::BodyDeadline;
 use streamline::hub::{Hub, HubConfig, HubError, SlowClientPolicy};
 use streamline::id::Position;
 use streamline::lifecycle::Lifecycle;
@@ -431,8 +432,20 @@ impl Bus for BrokenBus {
         "test"
     }
 
-    fn publish<'a>(&'a self, _: &'a [NewEvent]) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
-        Box::pin(async { Err(down()) })
+    fn publish<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            // Topic `hung`: the request went out and no answer came back.
+            if events[0].topic == "hung" {
+                return Err(BusError::OutcomeUnknown {
+                    backend: "test",
+                    reason: "no answer".into(),
+                });
+            }
+            Err(down())
+        })
     }
 
     fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), HubError>> {
@@ -495,6 +508,46 @@ async fn check_stream(seen: &mut BTreeSet<ErrorRow>, res: reqwest::Response) {
     seen.insert(expect_documented("stream", status, &headers, &body));
 }
 
+/// Sends `request` as it is on a connection of its own and reads the answer
+/// until the server closes it.
+async fn raw_request(addr: &str, request: &str) -> (StatusCode, http::HeaderMap, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&answer[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers = http::HeaderMap::new();
+    for line in lines {
+        let (k, v) = line.split_once(':').unwrap();
+        headers.append(
+            http::HeaderName::from_bytes(k.trim().as_bytes()).unwrap(),
+            v.trim().parse().unwrap(),
+        );
+    }
+    (
+        StatusCode::from_u16(status).unwrap(),
+        headers,
+        answer[end + 4..].to_vec(),
+    )
+}
+
 async fn provoke_stream_errors(seen: &mut BTreeSet<ErrorRow>) {
     let hub = Hub::new(HubConfig {
         max_clients: 1,
@@ -527,6 +580,15 @@ async fn provoke_stream_errors(seen: &mut BTreeSet<ErrorRow>) {
     }
     let url = format!("{base}/stream?topic=a");
     check_stream(seen, http.post(&url).send().await.unwrap()).await;
+    // Content-Length and Transfer-Encoding both (a smuggling attempt).
+    let addr = base.trim_start_matches("http://");
+    let answer = raw_request(
+        addr,
+        "GET /stream?topic=a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    seen.insert(expect_documented("stream", answer.0, &answer.1, &answer.2));
     // A CORS preflight from an origin not in --cors-allow-origin.
     let preflight = http
         .request(Method::OPTIONS, &url)
@@ -625,6 +687,7 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
             cluster: None,
             replica: "test".into(),
             access: Arc::new(control::auth::Access::open()),
+            addrs: None,
         };
         control::router(state, 64)
     };
@@ -647,6 +710,7 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
                 Default::default(),
                 1,
             )),
+            addrs: None,
         };
         control::router(state, 64)
     };
@@ -673,6 +737,12 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
             .insert(header::AUTHORIZATION, auth.parse().unwrap());
         req
     };
+    let keyed = |key: &str, body: &'static str| {
+        let mut req = patch(json, Body::from(body));
+        req.headers_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        req
+    };
     let requests = [
         (&local, get("/nope")),
         (&local, get("/clients/nobody")),
@@ -691,6 +761,26 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
             &with_bus,
             patch(json, Body::from(r#"{"topic":"a","data":1}"#)),
         ),
+        (
+            &with_bus,
+            patch(json, Body::from(r#"{"topic":"hung","data":1}"#)),
+        ),
+        (&local, keyed("k 1", r#"{"topic":"a","data":1}"#)),
+        (&local, keyed("k1", r#"{"topic":"a","data":1}"#)),
+        (&local, keyed("k1", r#"{"topic":"a","data":2}"#)),
+        // A body that never arrives, past its deadline.
+        (
+            &local,
+            patch(
+                json,
+                Body::new(BodyDeadline::new(
+                    http_body_util::StreamBody::new(futures_util::stream::pending::<
+                        Result<http_body::Frame<bytes::Bytes>, std::io::Error>,
+                    >()),
+                    Duration::from_millis(10),
+                )),
+            ),
+        ),
         (&secured, get("/clients")),
         // Topic `a` is not in the JWT's `publish` claim...
         (&secured, publish_as(&publisher)),
@@ -700,6 +790,9 @@ async fn provoke_control_errors(seen: &mut BTreeSet<ErrorRow>) {
     for (router, req) in requests {
         let res = router.clone().oneshot(req).await.unwrap();
         let (parts, body) = res.into_parts();
+        if parts.status == StatusCode::ACCEPTED {
+            continue; // the first use of an Idempotency-Key
+        }
         let body = body.collect().await.unwrap().to_bytes();
         seen.insert(expect_documented(
             "control",
@@ -769,7 +862,11 @@ fn protocol_lists_every_notice_reason_and_policy() {
     // added to the lists below (and so to PROTOCOL.md).
     fn _gap(r: GapReason) {
         match r {
-            GapReason::Expired | GapReason::Unknown | GapReason::Slow | GapReason::Reset => {}
+            GapReason::Expired
+            | GapReason::Unknown
+            | GapReason::UnknownOrigin
+            | GapReason::Slow
+            | GapReason::Reset => {}
         }
     }
     fn _close(r: CloseReason) {
@@ -795,6 +892,7 @@ fn protocol_lists_every_notice_reason_and_policy() {
     let gaps = [
         GapReason::Expired,
         GapReason::Unknown,
+        GapReason::UnknownOrigin,
         GapReason::Slow,
         GapReason::Reset,
     ];
@@ -829,6 +927,7 @@ fn protocol_lists_every_notice_reason_and_policy() {
 #[test]
 fn readme_lists_exactly_the_exported_metrics() {
     let mut metrics = Metrics::new(Hub::new(HubConfig::default()));
+    metrics.register_lifecycle(Lifecycle::new(CancellationToken::new()));
     metrics.register_redis(Arc::new(RedisStats::default()));
     metrics.register_kafka(Arc::new(KafkaStats::default()));
     let text = metrics.render();

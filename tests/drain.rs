@@ -77,6 +77,14 @@ async fn sigterm_drains_in_phases_and_exits_zero() {
         res.status() == 503
     })
     .await;
+    // The operators' page and Prometheus see the phase.
+    let stats = get_json(&gw.control_url("/stats")).await;
+    assert_eq!(stats["replicas"][0]["phase"], "not_ready", "{stats}");
+    let metrics = get_text(&gw.control_url("/metrics")).await;
+    assert!(
+        metrics.contains("streamline_lifecycle_phase{phase=\"not_ready\"} 1\n"),
+        "{metrics}"
+    );
     let mut late = SseClient::connect(&url).await;
     late.client_id().await;
     streams.push(late);
@@ -132,6 +140,8 @@ async fn sigterm_drains_in_phases_and_exits_zero() {
     assert_eq!(phases, ["not_ready", "draining", "stopping", "stopped"]);
     let draining = lines.iter().find(|l| l["phase"] == "draining").unwrap();
     assert_eq!(draining["streams"], 4);
+    let stopping = lines.iter().find(|l| l["phase"] == "stopping").unwrap();
+    assert_eq!(stopping["drained"], 4, "the drain closed every stream");
     let warnings: Vec<&Value> = lines
         .iter()
         .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
@@ -240,4 +250,70 @@ async fn a_client_that_vanishes_mid_write_leaves_nothing_behind_in_the_binary() 
         .iter()
         .any(|l| l["message"] == "grace period is over; exiting with tasks still running");
     assert!(!gave_up, "{lines:?}");
+}
+
+/// Reads one HTTP/1.1 response (head and `Content-Length` body) off `conn`;
+/// returns the head, lowercased.
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(WAIT, conn.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = tokio::time::timeout(WAIT, conn.read(&mut chunk))
+            .await
+            .expect("the body in time")
+            .expect("read");
+        assert!(n > 0, "closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    head
+}
+
+/// A proxy's kept-alive control connection is closed by the replica's own
+/// answer once shutdown began, well before the listener closes: a `PATCH`
+/// cannot be sent on it just as the replica drops it.
+#[tokio::test]
+async fn control_connections_are_not_kept_alive_once_shutdown_began() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start_with(&["--shutdown-delay", "10s", "--grace-period", "20s"]).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.control).await.unwrap();
+    let request = format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", gw.control);
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    gw.token.cancel();
+    let body = r#"{"topic":"t","data":"x"}"#;
+    let patch = format!(
+        "PATCH /events HTTP/1.1\r\nHost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        gw.control,
+        body.len()
+    );
+    conn.write_all(patch.as_bytes()).await.unwrap();
+    let head = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 202"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, conn.read(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the replica closes the connection after its answer");
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::nginx::{Cluster, SHIPPED, render};
+use common::nginx::{Cluster, Outcome, SHIPPED, render, split_attempts};
 use common::*;
 use serde_json::{Value, json};
 
@@ -20,8 +20,8 @@ fn the_test_config_differs_from_the_shipped_one_only_in_addresses() {
     let b: SocketAddr = "127.0.0.1:1002".parse().unwrap();
     let out = render(SHIPPED, 9, &[a, b], &[a]);
     assert!(out.contains("listen 127.0.0.1:9;"));
-    assert!(out.contains("server 127.0.0.1:1001 max_fails=1 fail_timeout=5s;"));
-    assert!(out.contains("server 127.0.0.1:1002 max_fails=1 fail_timeout=5s;"));
+    assert!(out.contains("server 127.0.0.1:1001 max_fails=0;"));
+    assert!(out.contains("server 127.0.0.1:1002 max_fails=0;"));
     assert!(!out.contains("streamline-1:"), "{out}");
     let rest = |s: &str| -> Vec<String> {
         s.lines()
@@ -126,16 +126,6 @@ async fn raw_request(addr: SocketAddr, request: &str) -> String {
     line
 }
 
-/// What one publish attempt through nginx came to.
-#[derive(Debug)]
-enum Outcome {
-    Accepted(String),
-    /// The replica went away under the request (nginx answered 502): the
-    /// event may or may not have been published, and nginx did not resend
-    /// it (PATCH is not idempotent).
-    Unknown,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
     let mut c = Cluster::start().await;
@@ -217,18 +207,7 @@ async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
         "the drained replica exits cleanly"
     );
 
-    let acked: BTreeMap<&str, &str> = attempts
-        .iter()
-        .filter_map(|(data, o)| match o {
-            Outcome::Accepted(id) => Some((id.as_str(), data.as_str())),
-            Outcome::Unknown => None,
-        })
-        .collect();
-    let unknown: BTreeSet<&str> = attempts
-        .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Unknown))
-        .map(|(data, _)| data.as_str())
-        .collect();
+    let (acked, unknown) = split_attempts(&attempts);
     // The events published after the reader stopped are still on their way.
     let mut seen: BTreeSet<String> = received.iter().map(|(id, _)| id.clone()).collect();
     while acked.keys().any(|id| !seen.contains(*id)) {
@@ -273,4 +252,29 @@ async fn a_replica_drained_mid_stream_loses_a_reconnecting_client_nothing() {
         reconnects,
         unknown.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_come_back_server_answers_an_event_stream_that_ends() {
+    // ingress-nginx sends it the stream requests no pod took, path
+    // rewritten to `/`, with the code in X-Code.
+    let conf = include_str!("../deploy/k8s/base/come-back.conf");
+    let nginx = common::nginx::Nginx::start_conf(conf).await;
+    for code in ["502", "503", "504"] {
+        let res = http()
+            .get(nginx.url("/"))
+            .header("x-code", code)
+            .header("x-original-uri", "/stream?topic=a")
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "X-Code {code}");
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert_eq!(res.headers()["cache-control"], "no-store");
+        // The body ends: this returns.
+        let body = res.text().await.unwrap();
+        assert!(body.contains("\nretry: 1000\n\n"), "{body:?}");
+        assert!(!body.contains("data:"), "no event: {body:?}");
+    }
 }

@@ -251,3 +251,151 @@ async fn shutdown_deregisters_this_replicas_clients() {
         .unwrap();
     assert!(!exists && score.is_none(), "no trace of the replica left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_with_scope_cluster_lists_every_live_replica() {
+    let redis = RedisServer::start().await;
+    let a = replica(&redis, "a", &[]).await;
+    let b = replica(&redis, "b", &[]).await;
+    let mut client = SseClient::connect(&b.stream_url("topic=st")).await;
+    client.client_id().await;
+
+    let url = a.control_url("/stats?scope=cluster");
+    eventually_async("a's stats list b with its client", || async {
+        let v = get_json(&url).await;
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["replica"] == "b" && r["clients"] == 1)
+    })
+    .await;
+    let v = get_json(&url).await;
+    let replicas = v["replicas"].as_array().unwrap();
+    let names: Vec<&str> = replicas
+        .iter()
+        .map(|r| r["replica"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"], "the answering replica first: {v}");
+    assert_eq!(v["replica"], "a");
+    for r in replicas {
+        assert_eq!(r["phase"], "serving");
+        assert!(r["at"].as_u64().unwrap() > 0);
+    }
+    // The default scope is this replica.
+    let local = get_json(&a.control_url("/stats")).await;
+    assert_eq!(local["replicas"].as_array().unwrap().len(), 1);
+
+    // A replica that stops leaves the list.
+    b.shutdown().await;
+    eventually_async("b gone from a's stats", || async {
+        let v = get_json(&url).await;
+        v["replicas"].as_array().unwrap().len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_batch_reaches_prompt_readers_on_every_replica_whole() {
+    // More events than b's history and than --max-lag, in one PATCH that
+    // reaches b through its Redis tail.
+    const N: usize = 2000;
+    let redis = RedisServer::start().await;
+    let a = replica(&redis, "a", &[]).await;
+    let b = replica(&redis, "b", &["--history-size", "5"]).await;
+    let mut readers = Vec::new();
+    for gw in [&a, &b] {
+        for _ in 0..2 {
+            let mut r = SseClient::connect(&gw.stream_url("topic=big")).await;
+            r.client_id().await;
+            readers.push(r);
+        }
+        gw.wait_clients(2).await;
+    }
+    let events: Vec<Value> = (0..N)
+        .map(|i| json!({"topic": "big", "data": format!("b{i}")}))
+        .collect();
+    let ids = a.publish(json!(events)).await;
+    for (r, reader) in readers.iter_mut().enumerate() {
+        let got = reader.events(N).await;
+        let got: Vec<(&str, &str)> = got
+            .iter()
+            .map(|e| (e.id.as_deref().unwrap(), e.data.as_str()))
+            .collect();
+        let data: Vec<String> = (0..N).map(|i| format!("b{i}")).collect();
+        let want: Vec<(&str, &str)> = ids
+            .iter()
+            .map(String::as_str)
+            .zip(data.iter().map(String::as_str))
+            .collect();
+        assert!(got == want, "reader {r}: not the batch, whole and in order");
+    }
+    let live = b.publish_one("big", "after").await;
+    for reader in &mut readers {
+        let ev = reader.next_event().await.expect("the stream stays open");
+        assert_eq!(ev.id.as_deref(), Some(live.as_str()));
+    }
+    for gw in [&a, &b] {
+        let t = gw.hub.totals();
+        assert_eq!(
+            t.slow_disconnected
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert_eq!(t.slow_skipped.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_older_than_redis_keeps_gets_the_notice_then_everything_retained() {
+    let redis = RedisServer::start().await;
+    let gw = replica(
+        &redis,
+        "a",
+        &["--history-size", "5", "--redis-stream-maxlen", "10"],
+    )
+    .await;
+    // Follow the topic, so the ring fills up and evicts.
+    let mut watcher = SseClient::connect(&gw.stream_url("topic=t")).await;
+    watcher.client_id().await;
+    let mut ids = Vec::new();
+    for chunk in 0..5 {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"topic": "t", "data": format!("e{}", chunk * 100 + i)}))
+            .collect();
+        ids.extend(gw.publish(json!(events)).await);
+    }
+    watcher.events(ids.len()).await;
+    // What Redis still has (MAXLEN ~ trims whole nodes, so more than 10).
+    let mut conn = redis.conn().await;
+    let kept: Vec<(String, Vec<(String, String)>)> = ::redis::cmd("XRANGE")
+        .arg("streamline:s:t")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let kept: Vec<String> = kept.into_iter().map(|(id, _)| format!("t:{id}")).collect();
+    let first_kept = ids.iter().position(|id| *id == kept[0]).unwrap();
+    assert!(first_kept > 1, "Redis trimmed nothing: {}", kept.len());
+    assert_eq!(kept[..], ids[first_kept..], "Redis keeps the newest events");
+
+    let mut client =
+        SseClient::connect_with(&http(), &gw.stream_url("topic=t"), Some(&ids[0])).await;
+    client.client_id().await;
+    let notice = client.next_event().await.unwrap();
+    assert_eq!(notice.event, "streamline.gap");
+    assert_eq!(notice.data, r#"{"topic":"t","reason":"expired"}"#);
+    let got = client.events(kept.len()).await;
+    let got: Vec<&str> = got.iter().map(|e| e.id.as_deref().unwrap()).collect();
+    assert_eq!(got, kept, "every event Redis or the ring retains, in order");
+    let live = gw.publish_one("t", "live").await;
+    let ev = client.next_event().await.unwrap();
+    assert_eq!(ev.id.as_deref(), Some(live.as_str()));
+    // The notice's id is past the gap: resuming from it reports none.
+    let mut again =
+        SseClient::connect_with(&http(), &gw.stream_url("topic=t"), notice.id.as_deref()).await;
+    again.client_id().await;
+    let ev = again.next_event().await.unwrap();
+    assert_eq!(ev.id.as_deref(), Some(kept[0].as_str()));
+}

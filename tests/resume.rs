@@ -261,23 +261,83 @@ async fn a_resume_further_back_than_max_lag_replays_the_history() {
 }
 
 #[tokio::test]
-async fn a_resume_point_older_than_the_history_gets_an_expired_gap_then_live_events() {
+async fn a_resume_point_older_than_the_history_gets_an_expired_gap_then_every_retained_event() {
     let gw = TestGateway::start_with(&["--history-size", "5"]).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         ids.push(gw.publish_one("a", &format!("e{i}")).await);
     }
     let events = replay(&gw, "topic=a", Some(&ids[0]), "a").await;
-    assert_eq!(events.len(), 2, "{events:?}");
-    assert_eq!(events[0].event, "streamline.gap");
-    assert_eq!(events[0].data, r#"{"topic":"a","reason":"expired"}"#);
-    // The gap's id is the cursor after the jump: a reconnect with it does
-    // not report the same gap again.
-    assert_eq!(events[0].id.as_deref(), Some(ids[19].as_str()));
-    assert_eq!(events[1].data, "live");
+    let got: Vec<(&str, Option<&str>, &str)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), e.id.as_deref(), e.data.as_str()))
+        .collect();
+    // The notice, whose id is the newest evicted event (a reconnect with
+    // it does not report the same gap again), then the five retained.
+    let mut want = vec![(
+        "streamline.gap",
+        Some(ids[14].as_str()),
+        r#"{"topic":"a","reason":"expired"}"#,
+    )];
+    let data: Vec<String> = (15..20).map(|i| format!("e{i}")).collect();
+    for (i, d) in (15..20).zip(&data) {
+        want.push(("message", Some(ids[i].as_str()), d.as_str()));
+    }
+    assert_eq!(got[..6], want[..]);
+    assert_eq!(got.len(), 7, "then live: {got:?}");
+    assert_eq!(got[6].2, "live");
+    // `live` evicted e15: resuming from the notice's id now misses it.
     let again = replay(&gw, "topic=a", events[0].id.as_deref(), "a").await;
+    assert_eq!(again[0].event, "streamline.gap");
+    assert_eq!(again[1].data, "e16");
+    // Resuming from the newest event: nothing missed, nothing replayed.
+    let last = events.last().unwrap().id.clone();
+    let again = replay(&gw, "topic=a", last.as_deref(), "a").await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].data, "live");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn history_older_than_its_ttl_is_not_replayed() {
+    // Age is enforced when a resume is located, not only by the sweep
+    // (every 5 s): this resume comes about a second after the events.
+    let ttl = std::time::Duration::from_secs(1);
+    let gw = TestGateway::start_with(&["--history-ttl", "1s"]).await;
+    let published = tokio::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(gw.publish_one("a", &format!("e{i}")).await);
+    }
+    // Within the TTL the history is replayed (the resume runs at once).
+    let events = replay(&gw, "topic=a", Some(&ids[0]), "a").await;
+    if published.elapsed() < ttl {
+        let got: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(got, ["e1", "e2", "live"]);
+    }
+    // Wait until everything published so far is past its age.
+    let newest = tokio::time::Instant::now();
+    let deadline = newest + ttl + WAIT;
+    while newest.elapsed() <= ttl + std::time::Duration::from_millis(100) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let live = events.last().unwrap().id.clone().unwrap();
+    let events = replay(&gw, "topic=a", Some(&ids[0]), "a").await;
+    let got: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), e.id.as_deref()))
+        .collect();
+    // Everything up to the first `live` has expired: the notice carries
+    // its id, and nothing expired is replayed.
+    assert_eq!(
+        got[0],
+        ("streamline.gap", Some(live.as_str())),
+        "{events:?}"
+    );
+    assert_eq!(events[0].data, r#"{"topic":"a","reason":"expired"}"#);
+    assert_eq!(got.len(), 2, "{events:?}");
+    assert_eq!(events[1].data, "live");
     gw.shutdown().await;
 }
 
@@ -294,7 +354,10 @@ async fn an_unknown_resume_point_gets_an_unknown_gap_then_live_events() {
         (
             "topic=a",
             "a:1-1".to_string(),
-            vec![("streamline.gap", r#"{"topic":"a","reason":"unknown"}"#)],
+            vec![(
+                "streamline.gap",
+                r#"{"topic":"a","reason":"unknown_origin"}"#,
+            )],
         ),
         (
             "topic=a",
@@ -306,7 +369,10 @@ async fn an_unknown_resume_point_gets_an_unknown_gap_then_live_events() {
             "topic=a&topic=b",
             format!("{a1},b:1-1"),
             vec![
-                ("streamline.gap", r#"{"topic":"b","reason":"unknown"}"#),
+                (
+                    "streamline.gap",
+                    r#"{"topic":"b","reason":"unknown_origin"}"#,
+                ),
                 ("message", "a2"),
             ],
         ),
@@ -349,4 +415,33 @@ async fn a_malformed_resume_point_is_refused_with_400() {
     }
     assert_eq!(gw.hub.client_count(), 0);
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_id_from_another_replica_without_a_bus_gets_an_unknown_origin_gap() {
+    // Two in-memory replicas, as when a Deployment is scaled without Redis
+    // or Kafka: they share nothing.
+    let a = TestGateway::start().await;
+    let b = TestGateway::start().await;
+    assert_ne!(a.hub.epoch(), b.hub.epoch(), "two runs, two epochs");
+    b.publish_one("a", "only on b").await;
+    let from_a = a.publish_one("a", "only on a").await;
+    // The client reconnects to the other replica with its last id.
+    let events = replay(&b, "topic=a", Some(&from_a), "a").await;
+    let got: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), e.data.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "streamline.gap",
+                r#"{"topic":"a","reason":"unknown_origin"}"#
+            ),
+            ("message", "live"),
+        ]
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::hub::HubError;
 use crate::id::Position;
+use crate::idempotency::IdempotencyKey;
 
 /// An event to publish (checked: valid topic, event name without CR/LF).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,8 +47,13 @@ pub struct StoredEvent {
 pub enum CatchUp {
     /// The next events, oldest first.
     Events(Vec<StoredEvent>),
-    /// Events after the resume point were deleted from the bus too.
+    /// Events after the resume point were deleted from the bus too; the
+    /// stream goes on from what its ring retains.
     Gap,
+    /// Events after the resume point up to and including this position were
+    /// deleted from the bus; the events sent next are the oldest it still
+    /// has, so the stream gets a gap notice and then all of them.
+    Trimmed(Position),
     /// The bus cannot be read now; the client should retry later.
     Failed(String),
     /// The resume point lies beyond the end of the bus's log: the log
@@ -66,6 +72,28 @@ pub enum BusError {
     /// to it); the detail names it. A client error, not an outage.
     #[error("{0}")]
     NoSuchTopic(String),
+    /// A publish whose request may have reached the bus (a timeout or a
+    /// lost connection after it was sent, or a batch written in part): the
+    /// events may or may not be published. `Unavailable` is kept for
+    /// failures where nothing was written.
+    #[error("{backend}: {reason}")]
+    OutcomeUnknown {
+        backend: &'static str,
+        reason: String,
+    },
+    /// An `Idempotency-Key` already used with a different batch.
+    #[error("{0}")]
+    KeyReused(String),
+}
+
+impl BusError {
+    /// The answer to a retry whose key was first used for another batch.
+    pub fn key_reused(key: &str) -> BusError {
+        BusError::KeyReused(format!(
+            "Idempotency-Key {key:?} was already used with a different batch; \
+             use a new key for new events"
+        ))
+    }
 }
 
 /// An event source and bus shared by several replicas (Redis, Kafka).
@@ -78,6 +106,26 @@ pub trait Bus: Send + Sync + 'static {
         &'a self,
         events: &'a [NewEvent],
     ) -> BoxFuture<'a, Result<Vec<String>, BusError>>;
+
+    /// Like [`publish`](Bus::publish), but at most once per `key` within
+    /// the bus's idempotency window, across replicas: a key published
+    /// before answers with that publish's ids and publishes nothing (a
+    /// different batch under the same key: [`BusError::KeyReused`]). A bus
+    /// that cannot keep that promise refuses, publishing nothing (the
+    /// default).
+    fn publish_once<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+        key: &'a IdempotencyKey,
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
+        let _ = (events, key);
+        Box::pin(async move {
+            Err(BusError::Unavailable {
+                backend: self.name(),
+                reason: "this bus does not support Idempotency-Key".into(),
+            })
+        })
+    }
 
     /// Starts following `topic` if this replica does not yet: creates the
     /// hub's topic at the newest position the bus has for it

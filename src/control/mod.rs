@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod events;
 pub mod operator;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,7 @@ use crate::backend::BusError;
 use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
 use crate::hub::{Hub, HubError};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::sse::CloseReason;
@@ -45,6 +47,11 @@ pub struct ControlState {
     pub replica: Arc<str>,
     /// Who may call which route; [`auth::Access::open`] for none.
     pub access: Arc<auth::Access>,
+    /// This control plane's and the stream plane's addresses, when both
+    /// are served together: `GET /stats` names their ports so the
+    /// operators' page, opened on the control port, can find the stream
+    /// plane.
+    pub addrs: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 struct Routes {
@@ -77,6 +84,7 @@ fn routes() -> Routes {
     .add(Method::GET, "/clients/{id}", get_client)
     .add(Method::DELETE, "/clients/{id}", delete_client)
     .add(Method::GET, "/topics", list_topics)
+    .add(Method::GET, "/stats", stats)
     .add(Method::GET, "/metrics", metrics)
     .add(Method::PATCH, "/events", patch_events)
 }
@@ -116,7 +124,12 @@ pub const THREADS: usize = 2;
 /// queued behind them in the runtime's run queue waits for the whole
 /// fan-out, so publishers (and probes) slow down exactly when the gateway
 /// is busiest. On threads of its own, the OS scheduler serves it at once.
-pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
+pub fn spawn_dedicated(
+    listener: TcpListener,
+    router: Router,
+    options: serve::ControlOptions,
+    life: Lifecycle,
+) {
     let tracker = life.tracker().clone();
     let served = tracker.track_future(async move {
         // Re-registered with this runtime, which then does all of the
@@ -128,7 +141,7 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
                 return;
             }
         };
-        if let Err(e) = serve(listener, router, life).await {
+        if let Err(e) = serve::serve(listener, router, options, life).await {
             tracing::error!(error = %e, "control plane failed");
         }
     });
@@ -149,16 +162,6 @@ pub fn spawn_dedicated(listener: TcpListener, router: Router, life: Lifecycle) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the control plane thread");
     }
-}
-
-/// Serves the control plane until the lifecycle stops; requests in flight
-/// then finish before this returns.
-pub async fn serve(listener: TcpListener, router: Router, life: Lifecycle) -> std::io::Result<()> {
-    // The peer's address feeds `--publish-rate` and `--trusted-proxy`.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { life.stopped().await })
-        .await
 }
 
 async fn not_found() -> ApiError {
@@ -236,7 +239,7 @@ async fn list_clients(
     clients.sort_by_key(|c| c.connected_at());
     let mut views: Vec<serde_json::Value> = Vec::with_capacity(clients.len());
     for c in &clients {
-        let mut v = serde_json::to_value(c.info()).unwrap_or_default();
+        let mut v = serde_json::to_value(s.hub.client_info(c)).unwrap_or_default();
         if cluster {
             // One replica without Redis is the whole cluster.
             v["replica"] = json!(&*s.replica);
@@ -248,7 +251,7 @@ async fn list_clients(
 
 async fn get_client(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let client = s.hub.client(&id).ok_or_else(|| unknown_client(&id))?;
-    Ok(Json(client.info()).into_response())
+    Ok(Json(s.hub.client_info(&client)).into_response())
 }
 
 /// Ends a stream on this replica or, with Redis, on whichever holds it.
@@ -277,6 +280,39 @@ async fn list_topics(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(json!({ "topics": s.hub.topics() }))
 }
 
+/// `GET /stats[?scope=cluster]`: this replica's counters now (with Redis
+/// and `scope=cluster`, also every other live replica's, as of its last
+/// registry refresh), for the operators' page to chart.
+async fn stats(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let mut cluster = false;
+    for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match (&*k, &*v) {
+            ("scope", "cluster") => cluster = true,
+            ("scope", "local") => cluster = false,
+            ("scope", _) => {
+                return Err(ApiError::bad_request(
+                    "invalid_scope",
+                    format!("scope must be local or cluster, not {v:?}"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut me = serde_json::to_value(s.hub.replica_stats(s.life.phase())).unwrap_or_default();
+    me["replica"] = json!(&*s.replica);
+    let mut replicas = vec![me];
+    if let (true, Some(registry)) = (cluster, &s.cluster) {
+        replicas.extend(registry.other_stats().await?);
+    }
+    let body = json!({
+        "replica": &*s.replica,
+        "control_port": s.addrs.map(|(control, _)| control.port()),
+        "stream_port": s.addrs.map(|(_, stream)| stream.port()),
+        "replicas": replicas,
+    });
+    Ok(Json(body).into_response())
+}
+
 async fn metrics(State(s): State<Shared>) -> Response {
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], s.metrics.render()).into_response()
@@ -286,11 +322,12 @@ async fn patch_events(
     State(s): State<Shared>,
     caller: Option<Extension<auth::Caller>>,
     json: Result<JsonContent, ApiError>,
+    key: Result<IdempotencyHeader, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
     let caller = caller.map_or(auth::Caller::Anyone, |Extension(c)| c);
-    let result = publish(&s, &caller, json, body).await;
+    let result = publish(&s, &caller, json, key, body).await;
     s.metrics
         .patch_latency
         .observe(start.elapsed().as_secs_f64());
@@ -307,21 +344,22 @@ async fn publish(
     s: &ControlState,
     caller: &auth::Caller,
     json: Result<JsonContent, ApiError>,
+    key: Result<IdempotencyHeader, ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let JsonContent = json?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_body"
-        };
-        ApiError::new(status, code, e.body_text())
-    })?;
+    let IdempotencyHeader(key) = key?;
+    let body = body.map_err(body_error)?;
     let events = events::parse_batch(&body)?;
     caller.may_publish(events.iter().map(|e| e.topic.as_str()))?;
-    let ids = s.hub.publish_batch(&events).await.map_err(|e| match e {
+    let published = match key {
+        Some(key) => {
+            let key = IdempotencyKey::new(key, &events);
+            s.hub.publish_batch_once(&events, &key).await
+        }
+        None => s.hub.publish_batch(&events).await,
+    };
+    let ids = published.map_err(|e| match e {
         // With Kafka: an event whose topic no Kafka topic is mapped to.
         HubError::Bus(BusError::NoSuchTopic(detail)) => {
             ApiError::bad_request("invalid_event", detail)
@@ -329,6 +367,41 @@ async fn publish(
         e => e.into(),
     })?;
     Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
+}
+
+/// Why a request body could not be read: too large (413), not sent in
+/// time (408, see [`serve::BodyDeadline`]), or broken off (400).
+fn body_error(e: BytesRejection) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, "payload_too_large", e.body_text());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(late) = err.downcast_ref::<serve::BodyTimedOut>() {
+            return ApiError {
+                close: true,
+                ..ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    late.to_string(),
+                )
+            };
+        }
+        source = err.source();
+    }
+    ApiError::new(status, "invalid_body", e.body_text())
+}
+
+/// The `Idempotency-Key` header, checked (400 `invalid_idempotency_key`).
+struct IdempotencyHeader(Option<String>);
+
+impl<S: Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        idempotency::parse_header(parts.headers.get(idempotency::HEADER)).map(IdempotencyHeader)
+    }
 }
 
 /// A request whose `Content-Type` is JSON, checked by reference (the

@@ -1,14 +1,20 @@
 //! The operators' page, `GET /` on the control plane: one self-contained
-//! HTML file (inline CSS and JS, nothing fetched from elsewhere) built into
-//! the binary.
+//! HTML file (inline CSS and JS, no library, nothing fetched from elsewhere)
+//! built into the binary.
 //!
-//! It polls `GET /clients?scope=cluster` and `GET /topics` every second,
-//! kicks clients with `DELETE /clients/{id}`, publishes test events with
-//! `PATCH /events` and watches them arrive on its own `EventSource`. That
-//! stream is at `/stream` on the page's origin (through a reverse proxy that
-//! routes both planes, as deploy/nginx does), or at the stream plane named by
-//! `?stream=http://host:8081`, which must then allow the page's origin with
-//! `--cors-allow-origin`.
+//! Every second it polls `GET /stats?scope=cluster`, `GET /clients` and
+//! `GET /topics`, keeps the samples of the last minutes and charts them
+//! (inline SVG, one line per replica); rates are taken over a window of
+//! samples, never from two consecutive polls (with an event every 2 s that
+//! read 0 half the time). It kicks clients with `DELETE /clients/{id}`,
+//! publishes test events with `PATCH /events` and watches them arrive on
+//! its own `EventSource`: at `?stream=<origin>` when given; else, opened on
+//! the control port itself, on the stream port `GET /stats` names (allowed
+//! with no flag when the control plane is on loopback, see
+//! `stream::cors::Cors::operators_page`); else at `/stream` on the page's
+//! origin (a reverse proxy that routes both planes, as deploy/nginx does).
+//! When that stream is refused, the page names the `--cors-allow-origin`
+//! value to set.
 
 use axum::http::{HeaderValue, header};
 use axum::response::{Html, IntoResponse, Response};

@@ -91,6 +91,10 @@ pub struct ClientInfo {
     pub bytes_sent: u64,
     pub user_agent: Option<String>,
     pub protocol: &'static str,
+    /// Events published to its topics that it has not written yet (see
+    /// `Hub::lag_of`); only the replica that holds the stream knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
 }
 
 impl Client {
@@ -106,6 +110,7 @@ impl Client {
             bytes_sent: self.bytes_sent(),
             user_agent: self.meta.user_agent.clone(),
             protocol: self.meta.protocol,
+            lag: None,
         }
     }
 
@@ -157,12 +162,21 @@ impl Client {
         self.bytes_sent.load(Relaxed)
     }
 
+    /// How many rings it reads (cursors it has).
+    pub(super) fn ring_count(&self) -> usize {
+        self.cursors.len()
+    }
+
     pub(super) fn cursor(&self, index: usize) -> u64 {
         self.cursors[index].load(Relaxed)
     }
 
     pub(super) fn set_cursor(&self, index: usize, ordinal: u64) {
         self.cursors[index].store(ordinal, Relaxed);
+    }
+
+    pub(super) fn joined_at(&self, index: usize) -> u64 {
+        self.joined_at[index].load(Relaxed)
     }
 
     pub(super) fn set_joined_at(&self, index: usize, ordinal: u64) {

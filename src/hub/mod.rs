@@ -5,7 +5,8 @@
 //! Architecture invariants: an event is encoded once, when it is published;
 //! subscribers share its bytes. No lock in the hub is held across an await, and
 //! nothing in it grows without a bound: topics (`max_topics`), events per topic
-//! (`history_size`, `history_ttl`) and clients (`max_clients`) are all capped.
+//! (`history_size`, `history_ttl`, and beyond them at most `pinned_bytes` for
+//! streams still writing a batch) and clients (`max_clients`) are all capped.
 
 mod client;
 mod ring;
@@ -21,10 +22,12 @@ pub use subscription::{Chunk, Subscription};
 
 use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::sse::{self, CloseReason};
-use ring::Topic;
+use ring::{Bounds, Topic};
 
-/// What a stream does when it falls more than `max_lag` events behind.
+/// What a stream does when it falls more than `max_lag` events behind (see
+/// [`ring`] for how lag is measured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowClientPolicy {
@@ -42,9 +45,17 @@ pub struct HubConfig {
     pub history_ttl: Duration,
     pub max_lag: u64,
     pub slow_client_policy: SlowClientPolicy,
+    /// Bytes a ring may keep beyond its history for streams still reading
+    /// them (the hard cap on a batch larger than the history).
+    pub pinned_bytes: usize,
     pub max_clients: usize,
     pub max_topics: usize,
     pub retry: Duration,
+    /// How long an `Idempotency-Key` is remembered (in memory, without a
+    /// bus; Redis and Kafka get it in their options).
+    pub idempotency_window: Duration,
+    /// Most keys remembered at once in memory.
+    pub idempotency_capacity: usize,
 }
 
 impl Default for HubConfig {
@@ -54,9 +65,12 @@ impl Default for HubConfig {
             history_ttl: Duration::from_secs(300),
             max_lag: 500,
             slow_client_policy: SlowClientPolicy::Disconnect,
+            pinned_bytes: 8 << 20,
             max_clients: 20_000,
             max_topics: 100_000,
             retry: Duration::from_secs(2),
+            idempotency_window: Duration::from_secs(600),
+            idempotency_capacity: 100_000,
         }
     }
 }
@@ -84,6 +98,40 @@ pub struct Totals {
     pub closed_bytes_sent: AtomicU64,
     pub slow_disconnected: AtomicU64,
     pub slow_skipped: AtomicU64,
+    /// Lag samples taken (see [`Hub::sample_lag`]).
+    pub lag_samples: AtomicU64,
+    /// Streams the drain closed (reason `shutdown`).
+    pub drain_closed: AtomicU64,
+}
+
+/// One replica's figures for `GET /stats`: the counters behind `/metrics`,
+/// read at one instant so a page can take rates from two of them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HubStats {
+    pub clients: usize,
+    pub topics: usize,
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub events_published: u64,
+    pub events_delivered: u64,
+    pub bytes_sent: u64,
+    pub slow_disconnected: u64,
+    pub slow_skipped: u64,
+    pub drain_closed: u64,
+    /// The most events any stream is behind its topics' heads.
+    pub max_lag: u64,
+}
+
+/// [`HubStats`] with when they were read and the shutdown phase, as
+/// `GET /stats` and the cluster registry show them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaStats {
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    /// See `Lifecycle::phase`.
+    pub phase: &'static str,
+    #[serde(flatten)]
+    pub hub: HubStats,
 }
 
 /// One row of `GET /topics`.
@@ -110,9 +158,13 @@ pub struct Hub {
     client_tag: u32,
     heartbeat: AtomicU64,
     accepting: AtomicBool,
+    /// Whether a resume from another replica or run was logged already.
+    told_unknown_origin: AtomicBool,
     totals: Totals,
     /// The bus events come from, when there is one (else positions are local).
     bus: OnceLock<Arc<dyn Bus>>,
+    /// Keys of in-memory publishes (a bus keeps its own).
+    idempotency: idempotency::Table<idempotency::Answer>,
     started: Instant,
 }
 
@@ -122,11 +174,32 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// A run epoch: the Unix time in milliseconds, times 1000, plus a random
+/// number below 1000. Without a bus it is all that tells one replica's ids
+/// from another's, and replicas started together often share the
+/// millisecond: the random part makes a collision (which would resume a
+/// client from another replica's positions, silently) a 1-in-1000 chance
+/// even then. Hubs of one process never share one.
+fn new_epoch() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let random =
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ms)
+            % 1000;
+    let candidate = ms.saturating_mul(1000).saturating_add(random);
+    let last = LAST
+        .fetch_update(Relaxed, Relaxed, |last| Some(candidate.max(last + 1)))
+        .unwrap_or_else(|last| last);
+    candidate.max(last + 1)
+}
+
 impl Hub {
     pub fn new(config: HubConfig) -> Arc<Hub> {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        let epoch = new_epoch();
+        let idempotency =
+            idempotency::Table::new(config.idempotency_window, config.idempotency_capacity);
         Arc::new(Hub {
             config,
             epoch,
@@ -141,8 +214,10 @@ impl Hub {
             ) as u32,
             heartbeat: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
+            told_unknown_origin: AtomicBool::new(false),
             totals: Totals::default(),
             bus: OnceLock::new(),
+            idempotency,
             started: Instant::now(),
         })
     }
@@ -165,9 +240,31 @@ impl Hub {
         &self.config
     }
 
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            history: self.config.history_size.max(1),
+            ttl: self.config.history_ttl,
+            pinned_bytes: self.config.pinned_bytes,
+        }
+    }
+
     /// The `hi` part of this run's positions.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// A client resumed from an id this run did not mint, with no bus: it
+    /// came from another replica or an earlier run. Logged once per run, as
+    /// a warning: after a restart that is expected, but clients that keep
+    /// landing on other replicas mean replicas were scaled without a bus.
+    pub(crate) fn note_unknown_origin(&self) {
+        if !self.told_unknown_origin.swap(true, Relaxed) {
+            tracing::warn!(
+                "a client resumed with an event id from another replica or an earlier run; \
+                 without a shared bus (--redis-url or --kafka-brokers) replicas share no \
+                 events, so it missed what was published meanwhile (told once per run)"
+            );
+        }
     }
 
     pub fn totals(&self) -> &Totals {
@@ -295,6 +392,18 @@ impl Hub {
         event: Option<&str>,
         data: &str,
     ) -> Result<String, HubError> {
+        let (id, t) = self.publish_quietly(topic, event, data)?;
+        t.notify();
+        Ok(id)
+    }
+
+    /// [`publish`](Self::publish) without waking the topic's streams.
+    fn publish_quietly(
+        &self,
+        topic: &str,
+        event: Option<&str>,
+        data: &str,
+    ) -> Result<(String, Arc<Topic>), HubError> {
         let t = self.topic_or_create(topic)?;
         let mut id = String::new();
         let appended = self.append(&t, |_| {
@@ -303,7 +412,7 @@ impl Hub {
             Some((pos, sse::encode_event(&id, event, data)))
         });
         debug_assert!(appended.is_some(), "a local publish always appends");
-        Ok(id)
+        Ok((id, t))
     }
 
     /// Publishes a checked batch, all or nothing: through the bus when there
@@ -313,10 +422,65 @@ impl Hub {
             return Ok(bus.publish(events).await?);
         }
         self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
-        events
+        // Each topic's streams are woken once, after the whole batch.
+        let mut ids = Vec::with_capacity(events.len());
+        let mut touched: Vec<Arc<Topic>> = Vec::new();
+        let mut failed = None;
+        for e in events {
+            match self.publish_quietly(&e.topic, e.event.as_deref(), &e.data) {
+                Ok((id, t)) => {
+                    ids.push(id);
+                    if !touched.iter().any(|x| Arc::ptr_eq(x, &t)) {
+                        touched.push(t);
+                    }
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        for t in touched {
+            t.notify();
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(ids),
+        }
+    }
+
+    /// [`publish_batch`](Self::publish_batch) at most once per `key` within
+    /// the idempotency window: a key seen before answers with its first
+    /// ids and publishes nothing (through the bus, on every replica; in
+    /// memory, on this one). A different batch under a known key is
+    /// refused with [`BusError::KeyReused`].
+    pub async fn publish_batch_once(
+        &self,
+        events: &[NewEvent],
+        key: &IdempotencyKey,
+    ) -> Result<Vec<String>, HubError> {
+        if let Some(bus) = self.bus() {
+            return Ok(bus.publish_once(events, key).await?);
+        }
+        // Held while publishing, so a concurrent retry waits for the first
+        // answer instead of publishing too (all synchronous: no await).
+        let mut table = self.idempotency.lock();
+        if let Some(done) = table.get(&key.key) {
+            if done.fingerprint != key.fingerprint {
+                return Err(BusError::key_reused(&key.key).into());
+            }
+            return Ok(done.ids.clone());
+        }
+        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
+        let ids = events
             .iter()
             .map(|e| self.publish(&e.topic, e.event.as_deref(), &e.data))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        table.get_or_insert_with(&key.key, || idempotency::Answer {
+            fingerprint: key.fingerprint.clone(),
+            ids: ids.clone(),
+        });
+        Ok(ids)
     }
 
     /// For buses: appends an event the bus delivered, at the bus's position,
@@ -327,10 +491,15 @@ impl Hub {
         let Some(t) = self.get_topic(ring) else {
             return false;
         };
-        self.append(&t, |head| {
-            (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
-        })
-        .is_some()
+        let appended = self
+            .append(&t, |head| {
+                (pos > head).then(|| (pos, sse::encode_event(&pos.id_in(t.name()), event, data)))
+            })
+            .is_some();
+        if appended {
+            t.notify();
+        }
+        appended
     }
 
     fn append(
@@ -338,20 +507,15 @@ impl Hub {
         t: &Topic,
         make: impl FnOnce(Position) -> Option<(Position, sse::Frame)>,
     ) -> Option<Position> {
-        let c = &self.config;
-        let (head, pos) = {
+        let (_, pos) = {
             // Held (shared) so a sweep cannot forget the topic mid-publish.
             let _topics = self.read_topics();
-            t.push(make, c.history_size, c.history_ttl)?
+            t.push(make, &self.bounds())?
         };
         self.totals.events_published.fetch_add(1, Relaxed);
-        let lag_limit = (c.slow_client_policy == SlowClientPolicy::Disconnect).then_some(c.max_lag);
-        let slow = t.notify(head, lag_limit);
-        if slow > 0 {
-            self.totals
-                .slow_disconnected
-                .fetch_add(slow as u64, Relaxed);
-        }
+        // Lag is judged by the sampler (`sample_lag`), not here: a burst is
+        // never lag before its readers had an interval to write it. The
+        // caller wakes the topic's streams.
         Some(pos)
     }
 
@@ -441,6 +605,72 @@ impl Hub {
         format!("{:08x}-{n}", self.client_tag).into()
     }
 
+    /// How many events `client` is behind its topics' heads, summed over
+    /// its rings: the events published that it has not written yet (history
+    /// it resumed from included; none while it reads history from a bus).
+    /// `None` when its rings cannot be matched to its cursors (a partition
+    /// was added since it subscribed).
+    pub fn lag_of(&self, client: &Client) -> Option<u64> {
+        let rings: Vec<Arc<Topic>> = client.topics().iter().flat_map(|t| self.rings(t)).collect();
+        if rings.len() != client.ring_count() {
+            return None;
+        }
+        let behind = rings.iter().enumerate().map(|(i, ring)| {
+            let cursor = client.cursor(i);
+            ring.head().0.saturating_sub(cursor)
+        });
+        Some(behind.fold(0u64, u64::saturating_add))
+    }
+
+    /// `/clients`' view of a client: [`Client::info`] and its lag.
+    pub fn client_info(&self, client: &Client) -> ClientInfo {
+        ClientInfo {
+            lag: self.lag_of(client),
+            ..client.info()
+        }
+    }
+
+    /// This replica's counters now.
+    pub fn stats(&self) -> HubStats {
+        let t = &self.totals;
+        let clients = self.clients();
+        let (mut delivered, mut bytes, mut max_lag) = (
+            t.closed_events_sent.load(Relaxed),
+            t.closed_bytes_sent.load(Relaxed),
+            0,
+        );
+        for c in &clients {
+            delivered += c.events_sent();
+            bytes += c.bytes_sent();
+            max_lag = max_lag.max(self.lag_of(c).unwrap_or(0));
+        }
+        HubStats {
+            clients: clients.len(),
+            topics: self.topic_count(),
+            connections_opened: t.connections_opened.load(Relaxed),
+            connections_closed: t.connections_closed.load(Relaxed),
+            events_published: t.events_published.load(Relaxed),
+            events_delivered: delivered,
+            bytes_sent: bytes,
+            slow_disconnected: t.slow_disconnected.load(Relaxed),
+            slow_skipped: t.slow_skipped.load(Relaxed),
+            drain_closed: t.drain_closed.load(Relaxed),
+            max_lag,
+        }
+    }
+
+    /// [`stats`](Self::stats), stamped with the time and `phase`.
+    pub fn replica_stats(&self, phase: &'static str) -> ReplicaStats {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        ReplicaStats {
+            at,
+            phase,
+            hub: self.stats(),
+        }
+    }
+
     /// Every connected client, in no particular order.
     pub fn clients(&self) -> Vec<Arc<Client>> {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
@@ -509,16 +739,20 @@ impl Hub {
     }
 
     /// Runs the hub's timers until `life` stops: a heartbeat every
-    /// `heartbeat`, and the sweep that expires history and forgets idle
-    /// topics. Whoever serves streams from this hub spawns it once.
+    /// `heartbeat`, the lag sample every [`ring::LAG_SAMPLE`], and the sweep
+    /// that expires history and forgets idle topics. Whoever serves streams
+    /// from this hub spawns it once.
     pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
         const SWEEP_EVERY: Duration = Duration::from_secs(5);
         let start = tokio::time::Instant::now();
         let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
         let mut sweep = tokio::time::interval_at(start + SWEEP_EVERY, SWEEP_EVERY);
+        let mut lag = tokio::time::interval_at(start + ring::LAG_SAMPLE, ring::LAG_SAMPLE);
+        lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = beat.tick() => self.heartbeat(),
+                _ = lag.tick() => self.sample_lag(),
                 _ = sweep.tick() => self.sweep(),
                 _ = life.stopped() => return,
             }
@@ -537,13 +771,31 @@ impl Hub {
         self.heartbeat.load(Relaxed)
     }
 
+    /// Takes a lag sample of every ring: what was published before the
+    /// previous sample and is still unwritten is lag; under `disconnect`
+    /// the streams over `max_lag` are ended here (one that stopped reading
+    /// is never polled, so it cannot notice its own lag). Also re-pins each
+    /// ring for the streams that keep up.
+    pub fn sample_lag(&self) {
+        let c = &self.config;
+        let close = c.slow_client_policy == SlowClientPolicy::Disconnect;
+        let rings: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
+        let slow: usize = rings.iter().map(|t| t.sample(c.max_lag, close)).sum();
+        self.totals.lag_samples.fetch_add(1, Relaxed);
+        if slow > 0 {
+            self.totals
+                .slow_disconnected
+                .fetch_add(slow as u64, Relaxed);
+        }
+    }
+
     /// Evicts expired events and forgets local topics that are empty and
     /// unused (a bus forgets its topics itself, via `forget_if_idle`).
     pub fn sweep(&self) {
-        let c = &self.config;
+        let bounds = self.bounds();
         let local = self.bus().is_none();
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        topics.retain(|_, t| !(t.sweep(c.history_size, c.history_ttl) && local));
+        topics.retain(|_, t| !(t.sweep(&bounds) && local));
     }
 
     /// Whether new streams are accepted (false once draining).

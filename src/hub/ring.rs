@@ -7,6 +7,19 @@
 //! Resume and live delivery read the same ring, so there is no seam between
 //! history and live where an event could be lost or repeated.
 //!
+//! The ring holds its *history* (the newest `history_size` events, none
+//! older than `history_ttl`: what a resume may replay) and, beyond it, the
+//! events a stream that keeps up still has to write (it is *pinned*), up to
+//! a hard cap in bytes. So a batch larger than the history reaches every
+//! stream that reads it promptly, and memory stays bounded.
+//!
+//! Lag is sampled, not counted on every publish: every [`LAG_SAMPLE`] the
+//! hub records each ring's head, and a stream's lag is the number of events
+//! published before the *previous* sample (so at least one interval ago)
+//! that it has not written. A burst of any size that a stream writes within
+//! an interval is never lag; a stream that stops reading is behind once more
+//! than `max_lag` such events wait.
+//!
 //! Architecture invariant: the ring and subscriber locks are never held across
 //! an await, and never both at once.
 
@@ -21,11 +34,43 @@ use super::client::Client;
 use crate::id::Position;
 use crate::sse::Frame;
 
+/// How often each ring's head is sampled for the lag rule.
+pub const LAG_SAMPLE: Duration = Duration::from_secs(1);
+
+/// What one retained event costs besides its frame, for the byte cap.
+const STORED_OVERHEAD: usize = 64;
+
+/// Whether a stream whose lag is measured from `base` (see
+/// [`Client::lag_base`]) is behind, given the ring's lag mark: more than
+/// `max_lag` events published before the previous sample are unwritten.
+/// The one lag formula, used by the sampler and by the stream itself.
+pub fn behind(mark: u64, base: u64, max_lag: u64) -> bool {
+    mark.saturating_sub(base) > max_lag
+}
+
+/// A ring's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Events of history (`--history-size`).
+    pub history: usize,
+    /// Age of history (`--history-ttl`).
+    pub ttl: Duration,
+    /// Bytes a ring may keep beyond its history for streams still reading
+    /// them.
+    pub pinned_bytes: usize,
+}
+
 /// One retained event.
 struct Stored {
     pos: Position,
     at: Instant,
     frame: Frame,
+}
+
+impl Stored {
+    fn cost(&self) -> usize {
+        self.frame.len() + STORED_OVERHEAD
+    }
 }
 
 struct Ring {
@@ -42,6 +87,9 @@ struct Ring {
     /// position it started after (see [`Topic::reset`]).
     reset_at: u64,
     reset_pos: Position,
+    /// Cost of the events older than the newest `history` (kept only while
+    /// pinned): `events[..len - history]`.
+    extra_bytes: usize,
 }
 
 impl Ring {
@@ -49,15 +97,46 @@ impl Ring {
         self.first + self.events.len() as u64 - 1
     }
 
-    fn evict(&mut self, max_len: usize, ttl: Duration, now: Instant) {
+    fn push(&mut self, ev: Stored, history: usize) {
+        self.events.push_back(ev);
+        if self.events.len() > history {
+            let moved = self.events.len() - 1 - history;
+            self.extra_bytes += self.events[moved].cost();
+        }
+    }
+
+    /// Drops events outside the history unless a stream that keeps up
+    /// still has to write them (ordinal after `pin`), within the byte cap.
+    fn evict(&mut self, b: &Bounds, now: Instant, pin: u64) {
         while let Some(front) = self.events.front() {
-            if self.events.len() <= max_len && now.duration_since(front.at) < ttl {
+            let in_history = self.events.len() <= b.history && now.duration_since(front.at) < b.ttl;
+            if in_history || (self.first > pin && self.extra_bytes <= b.pinned_bytes) {
                 break;
             }
-            self.floor_pos = front.pos;
-            self.events.pop_front();
-            self.first += 1;
+            let extra = self.events.len() > b.history;
+            if let Some(front) = self.events.pop_front() {
+                if extra {
+                    self.extra_bytes -= front.cost();
+                }
+                self.floor_pos = front.pos;
+                self.first += 1;
+            }
         }
+    }
+
+    /// Where the history starts now: the index of its oldest event, and the
+    /// position just before it (a resume point before that missed events).
+    fn history_start(&self, b: &Bounds, now: Instant) -> (usize, Position) {
+        let by_size = self.events.len().saturating_sub(b.history);
+        let by_age = self
+            .events
+            .partition_point(|ev| now.duration_since(ev.at) >= b.ttl);
+        let idx = by_size.max(by_age);
+        let floor = match idx {
+            0 => self.floor_pos,
+            i => self.events[i - 1].pos,
+        };
+        (idx, floor)
     }
 }
 
@@ -67,18 +146,18 @@ pub enum Read {
     Event(u64, Position, Frame),
     /// Nothing newer yet.
     Empty,
-    /// Events after the ordinal were evicted before the subscriber read them.
-    Overrun,
-    /// More than `max_lag` events are waiting.
-    Lagging,
+    /// Events after the ordinal were evicted before the subscriber read
+    /// them; `floor` is the newest evicted event's position.
+    Overrun { floor: Position },
 }
 
 /// Where a resume point falls in a topic's retained history.
 pub enum Resume {
     /// Start after this ordinal (position known).
     At(u64, Position),
-    /// The point is older than what is retained, which starts after `floor`.
-    Expired { floor: Position },
+    /// The point is older than the history, which starts after `floor`
+    /// (ordinal `after`): events between them are gone.
+    Expired { floor: Position, after: u64 },
     /// The point is newer than anything published here.
     Unknown,
 }
@@ -95,6 +174,14 @@ pub struct Topic {
     /// When a stream last asked for this topic (ms on the hub's clock); a
     /// followed topic is kept at least a linger period after that.
     touched_ms: AtomicU64,
+    /// The head at the previous lag sample (lag is measured against it),
+    /// and at the latest one.
+    lag_mark: AtomicU64,
+    sampled: AtomicU64,
+    /// The lowest ordinal a stream that is not behind has read up to: events
+    /// after it are pinned. Lowered when a stream joins, recomputed at each
+    /// lag sample (under the subscriber lock, so a join is never missed).
+    pin: AtomicU64,
     ring: RwLock<Ring>,
     subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
     /// How many times the ring was reset: streams compare it with the count
@@ -115,6 +202,9 @@ impl Topic {
             name,
             part,
             touched_ms: AtomicU64::new(0),
+            lag_mark: AtomicU64::new(0),
+            sampled: AtomicU64::new(0),
+            pin: AtomicU64::new(u64::MAX),
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
                 first: 1,
@@ -123,6 +213,7 @@ impl Topic {
                 published: 0,
                 reset_at: 0,
                 reset_pos: start,
+                extra_bytes: 0,
             }),
             subscribers: Mutex::new(Slab::new()),
             resets: AtomicU64::new(0),
@@ -157,20 +248,23 @@ impl Topic {
     pub fn push(
         &self,
         make: impl FnOnce(Position) -> Option<(Position, Frame)>,
-        max_len: usize,
-        ttl: Duration,
+        bounds: &Bounds,
     ) -> Option<(u64, Position)> {
-        let now = Instant::now();
         let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        // Taken under the lock, so ages in the ring never go backwards.
+        let now = Instant::now();
         let (pos, frame) = make(ring.head_pos)?;
-        ring.events.push_back(Stored {
-            pos,
-            at: now,
-            frame,
-        });
+        ring.push(
+            Stored {
+                pos,
+                at: now,
+                frame,
+            },
+            bounds.history,
+        );
         ring.head_pos = pos;
         ring.published += 1;
-        ring.evict(max_len.max(1), ttl, now);
+        ring.evict(bounds, now, self.pin.load(Relaxed));
         Some((ring.head(), pos))
     }
 
@@ -180,19 +274,19 @@ impl Topic {
     /// on; each subscriber learns it from [`Topic::resets`] and continues
     /// from [`Topic::reset_point`]. Wakes them.
     pub fn reset(&self, start: Position) {
-        let head = {
+        {
             let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
             let head = ring.head();
             ring.events.clear();
+            ring.extra_bytes = 0;
             ring.first = head + 1;
             ring.head_pos = start;
             ring.floor_pos = start;
             ring.reset_at = head;
             ring.reset_pos = start;
             self.resets.fetch_add(1, Relaxed);
-            head
-        };
-        self.notify(head, None);
+        }
+        self.notify();
     }
 
     /// How many times the ring was reset.
@@ -211,10 +305,10 @@ impl Topic {
 
     /// Drops expired events; true when the topic is empty and unsubscribed,
     /// so the hub may forget it.
-    pub fn sweep(&self, max_len: usize, ttl: Duration) -> bool {
+    pub fn sweep(&self, bounds: &Bounds) -> bool {
         let empty = {
             let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
-            ring.evict(max_len.max(1), ttl, Instant::now());
+            ring.evict(bounds, Instant::now(), self.pin.load(Relaxed));
             ring.events.is_empty()
         };
         empty && self.subscriber_count() == 0
@@ -232,49 +326,71 @@ impl Topic {
         (ring.published, last)
     }
 
-    /// The event after ordinal `after`, if the subscriber may have it.
-    pub fn read(&self, after: u64, max_lag: u64) -> Read {
+    /// The event after ordinal `after`.
+    pub fn read(&self, after: u64) -> Read {
         let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        let head = ring.head();
-        if after >= head {
+        if after >= ring.head() {
             return Read::Empty;
         }
         if after + 1 < ring.first {
-            return Read::Overrun;
-        }
-        if head - after > max_lag {
-            return Read::Lagging;
+            return Read::Overrun {
+                floor: ring.floor_pos,
+            };
         }
         let ev = &ring.events[(after + 1 - ring.first) as usize];
         Read::Event(after + 1, ev.pos, ev.frame.clone())
     }
 
-    /// Finds where a client that last saw `pos` should resume.
-    pub fn locate(&self, pos: Position) -> Resume {
+    /// Where the history starts now: the ordinal its oldest event follows,
+    /// and that ordinal's position. Reading history older than this is
+    /// replaying expired events.
+    pub fn history_start(&self, bounds: &Bounds) -> (u64, Position) {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        let (idx, floor) = ring.history_start(bounds, Instant::now());
+        (ring.first + idx as u64 - 1, floor)
+    }
+
+    /// Finds where a client that last saw `pos` should resume: only the
+    /// history counts (pinned events beyond it are not replayed), so its
+    /// age is enforced here, not only by the sweep.
+    pub fn locate(&self, pos: Position, bounds: &Bounds) -> Resume {
         let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
         if pos > ring.head_pos {
             return Resume::Unknown;
         }
-        if pos < ring.floor_pos {
+        let (start, floor) = ring.history_start(bounds, Instant::now());
+        if pos < floor {
             return Resume::Expired {
-                floor: ring.floor_pos,
+                floor,
+                after: ring.first + start as u64 - 1,
             };
         }
         let idx = ring.events.partition_point(|ev| ev.pos <= pos);
         Resume::At(ring.first + idx as u64 - 1, pos)
     }
 
+    /// Joins a subscriber whose cursor and lag base are set; it pins the
+    /// events after its lag base from now on.
     pub fn subscribe(&self, client: Arc<Client>, index: usize) -> usize {
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((client, index))
+        let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        self.pin.fetch_min(client.lag_base(index), Relaxed);
+        subs.insert((client, index))
+    }
+
+    /// Pins the events after `ordinal` for a subscriber that moved back to
+    /// the ring (after reading history from its bus).
+    pub fn hold(&self, ordinal: u64) {
+        let _subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        self.pin.fetch_min(ordinal, Relaxed);
     }
 
     pub fn unsubscribe(&self, key: usize) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         if subs.contains(key) {
             subs.remove(key);
+        }
+        if subs.is_empty() {
+            self.pin.store(u64::MAX, Relaxed);
         }
     }
 
@@ -285,21 +401,39 @@ impl Topic {
             .len()
     }
 
-    /// Wakes every subscriber after a push. With `lag_limit`, also closes
-    /// those further behind than that: a client that has stopped reading
-    /// is never polled, so it cannot notice its own lag.
-    pub fn notify(&self, head: u64, lag_limit: Option<u64>) -> usize {
+    /// Wakes every subscriber after a push.
+    pub fn notify(&self) {
         let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut slow = 0;
-        for (_, (client, index)) in subs.iter() {
-            if let Some(limit) = lag_limit
-                && head.saturating_sub(client.lag_base(*index)) > limit
-                && client.close(crate::sse::CloseReason::Slow)
-            {
-                slow += 1;
-            }
+        for (_, (client, _)) in subs.iter() {
             client.wake();
         }
+    }
+
+    /// The head at the previous lag sample: see [`behind`].
+    pub fn lag_mark(&self) -> u64 {
+        self.lag_mark.load(Relaxed)
+    }
+
+    /// Takes a lag sample: moves the lag mark to the head of the previous
+    /// sample, re-pins for the streams that are not behind, and with
+    /// `close` ends those that are (a stream that stopped reading is never
+    /// polled, so it cannot notice its own lag). Returns how many it ended.
+    pub fn sample(&self, max_lag: u64, close: bool) -> usize {
+        let (head, _) = self.head();
+        let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let mark = self.sampled.swap(head, Relaxed);
+        self.lag_mark.store(mark, Relaxed);
+        let mut pin = u64::MAX;
+        let mut slow = 0;
+        for (_, (client, index)) in subs.iter() {
+            let base = client.lag_base(*index);
+            if !behind(mark, base, max_lag) {
+                pin = pin.min(base);
+            } else if close && client.close(crate::sse::CloseReason::Slow) {
+                slow += 1;
+            }
+        }
+        self.pin.store(pin, Relaxed);
         slow
     }
 }
@@ -313,75 +447,206 @@ mod tests {
         Topic::new("t".into(), Position::new(7, 0))
     }
 
-    fn push(t: &Topic, lo: u64, max_len: usize) -> u64 {
+    fn bounds(history: usize) -> Bounds {
+        Bounds {
+            history,
+            ttl: Duration::from_secs(60),
+            pinned_bytes: 1 << 20,
+        }
+    }
+
+    fn push_with(t: &Topic, lo: u64, b: &Bounds) -> u64 {
         let pos = Position::new(7, lo);
         let make = |_| Some((pos, encode_event(&format!("t:{pos}"), None, "x")));
-        t.push(make, max_len, Duration::from_secs(60)).unwrap().0
+        t.push(make, b).unwrap().0
+    }
+
+    fn push(t: &Topic, lo: u64, history: usize) -> u64 {
+        push_with(t, lo, &bounds(history))
     }
 
     #[test]
     fn reads_in_order_then_empty() {
         let t = topic();
-        assert!(matches!(t.read(0, 100), Read::Empty));
+        assert!(matches!(t.read(0), Read::Empty));
         push(&t, 3, 10);
         push(&t, 5, 10);
-        let Read::Event(1, p, _) = t.read(0, 100) else {
+        let Read::Event(1, p, _) = t.read(0) else {
             panic!()
         };
         assert_eq!(p, Position::new(7, 3));
-        let Read::Event(2, p, _) = t.read(1, 100) else {
+        let Read::Event(2, p, _) = t.read(1) else {
             panic!()
         };
         assert_eq!(p, Position::new(7, 5));
-        assert!(matches!(t.read(2, 100), Read::Empty));
+        assert!(matches!(t.read(2), Read::Empty));
     }
 
     #[test]
     fn eviction_is_reported_as_overrun_and_expired() {
         let t = topic();
+        let b = bounds(3);
         for lo in 1..=5 {
             push(&t, lo, 3);
         }
-        assert!(matches!(t.read(0, 100), Read::Overrun));
-        assert!(matches!(t.read(1, 100), Read::Overrun));
-        assert!(matches!(t.read(2, 100), Read::Event(3, _, _)));
+        assert!(matches!(t.read(0), Read::Overrun { floor } if floor == Position::new(7, 2)));
+        assert!(matches!(t.read(1), Read::Overrun { .. }));
+        assert!(matches!(t.read(2), Read::Event(3, _, _)));
         assert!(matches!(
-            t.locate(Position::new(7, 1)),
-            Resume::Expired { .. }
+            t.locate(Position::new(7, 1), &b),
+            Resume::Expired { floor, after: 2 } if floor == Position::new(7, 2)
         ));
-        assert!(matches!(t.locate(Position::new(7, 2)), Resume::At(2, _)));
-        assert!(matches!(t.locate(Position::new(7, 5)), Resume::At(5, _)));
-        assert!(matches!(t.locate(Position::new(7, 6)), Resume::Unknown));
         assert!(matches!(
-            t.locate(Position::new(6, 9)),
+            t.locate(Position::new(7, 2), &b),
+            Resume::At(2, _)
+        ));
+        assert!(matches!(
+            t.locate(Position::new(7, 5), &b),
+            Resume::At(5, _)
+        ));
+        assert!(matches!(t.locate(Position::new(7, 6), &b), Resume::Unknown));
+        assert!(matches!(
+            t.locate(Position::new(6, 9), &b),
             Resume::Expired { .. }
         ));
     }
 
     #[test]
-    fn lag_is_measured_in_events() {
+    fn lag_counts_only_events_from_before_the_previous_sample() {
         let t = topic();
         for lo in 1..=10 {
             push(&t, lo, 100);
         }
-        assert!(matches!(t.read(0, 9), Read::Lagging));
-        assert!(matches!(t.read(0, 10), Read::Event(1, _, _)));
+        // Published after every sample so far: not lag, however many.
+        assert!(!behind(t.lag_mark(), 0, 3));
+        t.sample(3, false);
+        assert!(!behind(t.lag_mark(), 0, 3), "one sample is not enough");
+        t.sample(3, false);
+        assert_eq!(t.lag_mark(), 10);
+        assert!(behind(t.lag_mark(), 0, 9));
+        assert!(!behind(t.lag_mark(), 0, 10));
+        assert!(!behind(t.lag_mark(), 7, 3));
     }
 
     #[test]
     fn resume_from_the_start_of_an_empty_topic() {
         let t = topic();
-        assert!(matches!(t.locate(Position::new(7, 0)), Resume::At(0, _)));
+        let b = bounds(10);
+        assert!(matches!(
+            t.locate(Position::new(7, 0), &b),
+            Resume::At(0, _)
+        ));
         push(&t, 1, 10);
-        assert!(matches!(t.locate(Position::new(7, 0)), Resume::At(0, _)));
+        assert!(matches!(
+            t.locate(Position::new(7, 0), &b),
+            Resume::At(0, _)
+        ));
     }
 
     #[test]
     fn ttl_evicts_old_events() {
         let t = topic();
+        let b = Bounds {
+            ttl: Duration::ZERO,
+            ..bounds(10)
+        };
         let make = |_| Some((Position::new(7, 1), encode_event("t:7-1", None, "x")));
-        t.push(make, 10, Duration::ZERO);
-        assert!(t.sweep(10, Duration::ZERO));
-        assert!(matches!(t.read(0, 100), Read::Overrun));
+        t.push(make, &b);
+        assert!(t.sweep(&b));
+        assert!(matches!(t.read(0), Read::Overrun { .. }));
+    }
+
+    #[test]
+    fn history_past_its_age_is_not_resumed_even_before_a_sweep() {
+        let t = topic();
+        let keep = bounds(10);
+        for lo in 1..=3 {
+            push(&t, lo, 10);
+        }
+        let aged = Bounds {
+            ttl: Duration::ZERO,
+            ..keep
+        };
+        // Still in the ring (nothing evicted it), but too old to replay.
+        assert!(matches!(t.read(0), Read::Event(1, _, _)));
+        assert!(matches!(
+            t.locate(Position::new(7, 1), &aged),
+            Resume::Expired { after: 3, .. }
+        ));
+        assert!(matches!(
+            t.locate(Position::new(7, 3), &aged),
+            Resume::At(3, _)
+        ));
+        assert!(matches!(
+            t.locate(Position::new(7, 1), &keep),
+            Resume::At(1, _)
+        ));
+    }
+
+    #[test]
+    fn events_a_keeping_up_subscriber_needs_are_pinned_up_to_the_byte_cap() {
+        let client = Arc::new(Client::new(
+            "c".into(),
+            Box::new([]),
+            1,
+            crate::hub::tests::meta(),
+        ));
+        let t = topic();
+        t.subscribe(client.clone(), 0);
+        // A batch of 20 with a history of 5: all of it stays for the reader.
+        for lo in 1..=20 {
+            push(&t, lo, 5);
+        }
+        assert!(matches!(t.read(0), Read::Event(1, _, _)));
+        // A stream that has read it all releases it at the next sample.
+        client.set_cursor(0, 20);
+        t.sample(100, false);
+        push(&t, 21, 5);
+        assert!(matches!(t.read(15), Read::Overrun { .. }));
+        assert!(matches!(t.read(16), Read::Event(17, _, _)));
+
+        // Beyond the byte cap even a pinned event goes.
+        let t = topic();
+        let cost = encode_event("t:7-1", None, "x").len() + STORED_OVERHEAD;
+        let small = Bounds {
+            pinned_bytes: 3 * cost,
+            ..bounds(5)
+        };
+        let client = Arc::new(Client::new(
+            "d".into(),
+            Box::new([]),
+            1,
+            crate::hub::tests::meta(),
+        ));
+        t.subscribe(client, 0);
+        for lo in 1..=9 {
+            push_with(&t, lo, &small);
+        }
+        assert!(matches!(t.read(0), Read::Overrun { .. }));
+        assert!(matches!(t.read(1), Read::Event(2, _, _)));
+    }
+
+    #[test]
+    fn a_stream_that_is_behind_pins_nothing_and_may_be_closed() {
+        let client = Arc::new(Client::new(
+            "c".into(),
+            Box::new([]),
+            1,
+            crate::hub::tests::meta(),
+        ));
+        let t = topic();
+        t.subscribe(client.clone(), 0);
+        for lo in 1..=10 {
+            push(&t, lo, 3);
+        }
+        assert_eq!(t.sample(5, true), 0);
+        assert_eq!(
+            t.sample(5, true),
+            1,
+            "10 unread from before the previous sample"
+        );
+        assert_eq!(client.close_reason(), Some(crate::sse::CloseReason::Slow));
+        push(&t, 11, 3);
+        assert!(matches!(t.read(0), Read::Overrun { .. }));
     }
 }

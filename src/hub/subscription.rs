@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::client::{Client, ClientMeta};
-use super::ring::{Read, Resume, Topic};
+use super::ring::{self, Read, Resume, Topic};
 use super::{Hub, HubError, SlowClientPolicy};
 use crate::backend::{CatchUp, StoredEvent};
 use crate::id::{Cursor, Position};
@@ -146,18 +146,23 @@ impl Subscription {
                 match seen {
                     None => {}
                     Some(pos) if bus.is_none() && pos.hi != sub.hub.epoch => {
-                        gaps.push((index, GapReason::Unknown))
+                        sub.hub.note_unknown_origin();
+                        gaps.push((index, GapReason::UnknownOrigin))
                     }
-                    Some(pos) => match s.topic.locate(pos) {
+                    Some(pos) => match s.topic.locate(pos, &sub.hub.bounds()) {
                         Resume::At(o, p) => (ordinal, s.last) = (o, p),
-                        Resume::Expired { floor } => match &bus {
+                        Resume::Expired { floor, after } => match &bus {
                             Some(bus) => {
                                 s.last = pos;
                                 let rx = bus.catch_up(s.topic.key(), pos, floor);
                                 s.catch_up = Some(CatchUpReader::new(rx));
                                 ordinal = CATCHING_UP;
                             }
-                            None => gaps.push((index, GapReason::Expired)),
+                            // The notice, then every event still retained.
+                            None => {
+                                (ordinal, s.last) = (after, floor);
+                                gaps.push((index, GapReason::Expired));
+                            }
                         },
                         Resume::Unknown => match &bus {
                             Some(bus) => {
@@ -293,19 +298,33 @@ impl Subscription {
             self.after_reset(i);
             return Step::Nothing;
         }
-        if self.subs[i].catch_up.is_some() {
-            // `None`: handed over to the ring, read on below.
-            if let Some(step) = self.step_catch_up(i, cx) {
-                return step;
-            }
-        }
         let max_lag = self.hub.config.max_lag;
+        let in_memory = self.hub.bus().is_none();
         loop {
+            if self.subs[i].catch_up.is_some() {
+                // `None`: handed over to the ring, read on below.
+                if let Some(step) = self.step_catch_up(i, cx) {
+                    return step;
+                }
+            }
             let after = self.client.cursor(i);
-            // History from before the stream joined is backlog, not lag.
-            let allowance = max_lag.saturating_add(self.client.lag_base(i) - after);
             let sub = &mut self.subs[i];
-            match sub.topic.read(after, allowance) {
+            if ring::behind(sub.topic.lag_mark(), self.client.lag_base(i), max_lag) {
+                self.fall_behind(i);
+                return Step::Nothing;
+            }
+            // Replaying history (what was published before the stream
+            // joined): never an event past the history's size or age, even
+            // if the ring still holds it.
+            let replaying = after < self.client.joined_at(i);
+            if in_memory && replaying {
+                let (start, _) = sub.topic.history_start(&self.hub.bounds());
+                if after < start {
+                    self.skip_expired(i);
+                    return Step::Nothing;
+                }
+            }
+            match sub.topic.read(after) {
                 Read::Empty => return Step::Nothing,
                 Read::Event(ordinal, pos, frame) => {
                     self.client.set_cursor(i, ordinal);
@@ -320,7 +339,20 @@ impl Subscription {
                         Chunk::Two(sse::id_line(&self.cursor_id()), frame.body())
                     });
                 }
-                Read::Overrun | Read::Lagging => {
+                // With a bus, what the ring no longer holds is read back
+                // from the bus: the ring's size never judges a stream.
+                Read::Overrun { floor } if !in_memory => {
+                    if let Some(bus) = self.hub.bus() {
+                        let rx = bus.catch_up(sub.topic.key(), sub.last, floor);
+                        sub.catch_up = Some(CatchUpReader::new(rx));
+                        self.client.set_cursor(i, CATCHING_UP);
+                    }
+                }
+                Read::Overrun { .. } if replaying => {
+                    self.skip_expired(i);
+                    return Step::Nothing;
+                }
+                Read::Overrun { .. } => {
                     self.fall_behind(i);
                     return Step::Nothing;
                 }
@@ -331,6 +363,7 @@ impl Subscription {
     /// Serves topic `i` from its catch-up reader; `None` once the reader has
     /// reached the ring and the topic reads from the ring again.
     fn step_catch_up(&mut self, i: usize, cx: &mut Context<'_>) -> Option<Step> {
+        let bounds = self.hub.bounds();
         loop {
             let sub = &mut self.subs[i];
             let reader = sub.catch_up.as_mut()?;
@@ -348,9 +381,20 @@ impl Subscription {
             match reader.rx.poll_recv(cx) {
                 Poll::Pending => return Some(Step::Nothing),
                 Poll::Ready(Some(CatchUp::Events(events))) => reader.buf.extend(events),
+                Poll::Ready(Some(CatchUp::Trimmed(upto))) => {
+                    // The notice, then every event the bus still has.
+                    sub.last = sub.last.max(upto);
+                    let id = self.cursor_id();
+                    let name = self.subs[i].topic.name().clone();
+                    self.pending
+                        .push_back(sse::gap_notice(&id, &name, GapReason::Expired));
+                    return Some(Step::Nothing);
+                }
                 Poll::Ready(Some(CatchUp::Gap)) => {
+                    // The bus lost events after the resume point too: the
+                    // notice, then what the ring retains, then live.
                     sub.catch_up = None;
-                    self.jump_to_live(i, GapReason::Expired);
+                    self.skip_expired(i);
                     return Some(Step::Nothing);
                 }
                 Poll::Ready(Some(CatchUp::Reset)) => {
@@ -363,14 +407,15 @@ impl Subscription {
                     self.client.close(CloseReason::Unavailable);
                     return Some(Step::Nothing);
                 }
-                Poll::Ready(None) => match sub.topic.locate(sub.last) {
+                Poll::Ready(None) => match sub.topic.locate(sub.last, &bounds) {
                     Resume::At(ordinal, _) => {
                         sub.catch_up = None;
                         self.client.set_cursor(i, ordinal);
+                        sub.topic.hold(self.client.lag_base(i));
                         return None;
                     }
                     // The ring moved on while we read: read up to its new start.
-                    Resume::Expired { floor } => {
+                    Resume::Expired { floor, .. } => {
                         let rx = match self.hub.bus() {
                             Some(bus) => bus.catch_up(sub.topic.key(), sub.last, floor),
                             None => return Some(Step::Nothing),
@@ -417,9 +462,9 @@ impl Subscription {
         self.pending
             .push_back(sse::gap_notice(&id, &name, GapReason::Reset));
         let sub = &mut self.subs[i];
-        match sub.topic.locate(start) {
+        match sub.topic.locate(start, &self.hub.bounds()) {
             Resume::At(ordinal, _) => self.client.set_cursor(i, ordinal),
-            Resume::Expired { floor } => {
+            Resume::Expired { floor, .. } => {
                 if let Some(bus) = self.hub.bus() {
                     let rx = bus.catch_up(sub.topic.key(), start, floor);
                     sub.catch_up = Some(CatchUpReader::new(rx));
@@ -431,6 +476,21 @@ impl Subscription {
                 self.client.set_cursor(i, head);
             }
         }
+    }
+
+    /// Skips what is older than topic `i`'s history with a gap notice
+    /// (reason `expired`), then reads every event the history still holds.
+    fn skip_expired(&mut self, i: usize) {
+        let (after, floor) = self.subs[i].topic.history_start(&self.hub.bounds());
+        self.client.set_cursor(i, after);
+        let sub = &mut self.subs[i];
+        sub.last = floor;
+        sub.skip_upto = None;
+        sub.topic.hold(self.client.lag_base(i));
+        let id = self.cursor_id();
+        let name = self.subs[i].topic.name().clone();
+        self.pending
+            .push_back(sse::gap_notice(&id, &name, GapReason::Expired));
     }
 
     fn jump_to_live(&mut self, i: usize, reason: GapReason) {

@@ -20,7 +20,7 @@ fn hub() -> Arc<Hub> {
     hub_with(|_| {})
 }
 
-fn meta() -> ClientMeta {
+pub(super) fn meta() -> ClientMeta {
     ClientMeta {
         remote_addr: "127.0.0.1:4000".parse().unwrap(),
         user_agent: None,
@@ -134,7 +134,10 @@ fn the_preamble_comes_first_and_names_the_client() {
         Poll::Ready(Some(String::from_utf8(expected.to_vec()).unwrap()))
     );
     let (rest, _) = drain(&mut sub);
-    assert_eq!(events(&rest), [gap(&id(&hub, "a", 1), "a", "unknown")]);
+    assert_eq!(
+        events(&rest),
+        [gap(&id(&hub, "a", 1), "a", "unknown_origin")]
+    );
 }
 
 #[test]
@@ -224,7 +227,8 @@ fn resume_points_inside_before_and_after_the_history() {
     struct Case {
         name: &'static str,
         resume: fn(epoch: u64) -> String,
-        gap: Option<&'static str>,
+        /// The notice's reason and the `lo` of its id.
+        gap: Option<(&'static str, u64)>,
         replayed: &'static [u64],
     }
     let cases = [
@@ -249,25 +253,27 @@ fn resume_points_inside_before_and_after_the_history() {
         Case {
             name: "older than the history",
             resume: |e| format!("a:{e}-1"),
-            gap: Some("expired"),
-            replayed: &[],
+            // The notice (its id: the newest evicted event), then every
+            // event still retained.
+            gap: Some(("expired", 2)),
+            replayed: &[3, 4, 5],
         },
         Case {
             name: "ahead of the newest event",
             resume: |e| format!("a:{e}-6"),
-            gap: Some("unknown"),
+            gap: Some(("unknown", 5)),
             replayed: &[],
         },
         Case {
             name: "an earlier run",
             resume: |e| format!("a:{}-3", e - 1),
-            gap: Some("unknown"),
+            gap: Some(("unknown_origin", 5)),
             replayed: &[],
         },
         Case {
             name: "a later run",
             resume: |e| format!("a:{}-0", e + 1),
-            gap: Some("unknown"),
+            gap: Some(("unknown_origin", 5)),
             replayed: &[],
         },
         Case {
@@ -292,7 +298,7 @@ fn resume_points_inside_before_and_after_the_history() {
         chunks.extend(more);
         let mut expected: Vec<Parsed> = case
             .gap
-            .map(|r| gap(&id(&hub, "a", 5), "a", r))
+            .map(|(r, lo)| gap(&id(&hub, "a", lo), "a", r))
             .into_iter()
             .collect();
         expected.extend(
@@ -353,6 +359,9 @@ fn a_resumed_stream_is_still_judged_by_its_live_lag() {
         for i in 0..4 {
             last = publish(&hub, "a", &format!("live{i}"));
         }
+        // Lag counts once a whole sample interval has passed over them.
+        hub.sample_lag();
+        hub.sample_lag();
         let (chunks, ended) = drain(&mut sub);
         let (parsed, _) = parse_stream(&chunks.concat());
         match expected {
@@ -380,6 +389,8 @@ fn skip_policy_jumps_a_lagging_stream_to_live_with_a_gap_notice() {
     let ids: Vec<String> = (0..10)
         .map(|i| publish(&hub, "a", &format!("e{i}")))
         .collect();
+    hub.sample_lag();
+    hub.sample_lag();
     let b0 = id(&hub, "b", 0);
     let (chunks, ended) = drain(&mut sub);
     assert!(!ended);
@@ -397,13 +408,16 @@ fn skip_policy_jumps_a_lagging_stream_to_live_with_a_gap_notice() {
 
 #[test]
 fn disconnect_policy_ends_a_lagging_stream_with_a_close_notice() {
-    // Noticed by the publisher (the stream is not being polled), or by the
-    // stream itself when history it had not read yet was evicted.
-    let cases: [(&str, usize, u64); 2] = [("publisher", 1000, 3), ("overrun", 2, 1000)];
-    for (name, history_size, max_lag) in cases {
+    // Noticed by the lag sampler (the stream is not being polled), or by
+    // the stream itself when events it had not read yet were evicted (past
+    // the byte cap on what a ring keeps beyond its history).
+    let cases: [(&str, usize, u64, usize); 2] =
+        [("sampler", 1000, 3, 1 << 20), ("overrun", 2, 1000, 0)];
+    for (name, history_size, max_lag, pinned_bytes) in cases {
         let hub = hub_with(|c| {
             c.history_size = history_size;
             c.max_lag = max_lag;
+            c.pinned_bytes = pinned_bytes;
             c.retry = Duration::from_millis(700);
         });
         let mut sub = open(&hub, &["a"], None);
@@ -411,6 +425,8 @@ fn disconnect_policy_ends_a_lagging_stream_with_a_close_notice() {
         for i in 0..5 {
             publish(&hub, "a", &format!("e{i}"));
         }
+        hub.sample_lag();
+        hub.sample_lag();
         let (chunks, ended) = drain(&mut sub);
         assert!(ended, "{name}: the stream ends");
         let (parsed, retry) = parse_stream(&chunks.concat());
@@ -448,6 +464,174 @@ fn close_client_ends_the_stream_with_a_close_notice() {
     // The first reason wins.
     assert!(!sub.client().close(sse::CloseReason::Shutdown));
     assert_eq!(sub.client().close_reason(), Some(sse::CloseReason::Kicked));
+}
+
+/// Publishes `n` events on `topic` as one batch (one `PATCH`).
+async fn publish_batch(hub: &Hub, topic: &str, n: usize) -> Vec<String> {
+    let events: Vec<NewEvent> = (0..n)
+        .map(|i| NewEvent {
+            topic: topic.into(),
+            event: None,
+            data: format!("b{i}"),
+        })
+        .collect();
+    hub.publish_batch(&events).await.unwrap()
+}
+
+/// Polls `n` chunks; each must be an event.
+fn take(sub: &mut Subscription, n: usize) -> Vec<Parsed> {
+    let mut chunks = Vec::new();
+    for _ in 0..n {
+        match poll(sub, Waker::noop()) {
+            Poll::Ready(Some(chunk)) => chunks.push(chunk),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    events(&chunks)
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_the_history_reaches_a_prompt_reader_under_either_policy() {
+    // Issue 15, defect 5: `--history-size 5`, one 20-event PATCH.
+    for policy in [SlowClientPolicy::Disconnect, SlowClientPolicy::Skip] {
+        let hub = hub_with(|c| {
+            c.history_size = 5;
+            c.slow_client_policy = policy;
+        });
+        let mut sub = open(&hub, &["a"], None);
+        skip_preamble(&mut sub);
+        let ids = publish_batch(&hub, "a", 20).await;
+        let mut got = take(&mut sub, 3);
+        // Samples go by while it reads: 17 unread is within --max-lag.
+        hub.sample_lag();
+        hub.sample_lag();
+        let (chunks, ended) = drain(&mut sub);
+        assert!(!ended, "{policy:?}");
+        got.extend(events(&chunks));
+        let expected: Vec<Parsed> = (0..20)
+            .map(|i| message(&ids[i], &format!("b{i}")))
+            .collect();
+        assert_eq!(got, expected, "{policy:?}");
+        let t = hub.totals();
+        assert_eq!(t.slow_disconnected.load(Relaxed), 0, "{policy:?}");
+        assert_eq!(t.slow_skipped.load(Relaxed), 0, "{policy:?}");
+
+        // Once read, the batch is released down to the history.
+        hub.sample_lag();
+        publish(&hub, "a", "next");
+        let mut late = open(&hub, &["a"], Some(&ids[0]));
+        let (chunks, _) = drain(&mut late);
+        let replay = events(&chunks);
+        assert_eq!(replay[0].event, sse::GAP_EVENT, "{policy:?}: {replay:?}");
+        assert_eq!(
+            replay.len(),
+            1 + 5,
+            "{policy:?}: the notice, then the history"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_batch_above_max_lag_closes_only_the_reader_that_stopped_reading() {
+    // With the defaults (history 1000, max-lag 500), a 5,000-event batch:
+    // the stream that writes it keeps going, the one that never reads is
+    // still judged slow.
+    let cases = [
+        (SlowClientPolicy::Disconnect, "close"),
+        (SlowClientPolicy::Skip, "gap"),
+    ];
+    for (policy, stalled_gets) in cases {
+        let hub = hub_with(|c| c.slow_client_policy = policy);
+        let mut prompt = open(&hub, &["a"], None);
+        let mut stalled = open(&hub, &["a"], None);
+        skip_preamble(&mut prompt);
+        skip_preamble(&mut stalled);
+        let ids = publish_batch(&hub, "a", 5000).await;
+        hub.sample_lag();
+        let (chunks, ended) = drain(&mut prompt);
+        assert!(!ended);
+        let got = events(&chunks);
+        assert_eq!(got.len(), 5000, "{policy:?}");
+        assert_eq!(got[4999], message(&ids[4999], "b4999"));
+        hub.sample_lag();
+        hub.sample_lag();
+        let live = publish(&hub, "a", "live");
+        let (chunks, ended) = drain(&mut prompt);
+        assert!(!ended, "{policy:?}: the prompt reader is never closed");
+        assert_eq!(events(&chunks), [message(&live, "live")], "{policy:?}");
+
+        let (chunks, ended) = drain(&mut stalled);
+        let (parsed, _) = parse_stream(&chunks.concat());
+        match stalled_gets {
+            "close" => {
+                assert!(ended);
+                assert_eq!(parsed.len(), 1, "{chunks:?}");
+                assert_eq!(parsed[0].data, r#"{"reason":"slow"}"#);
+                assert_eq!(hub.totals().slow_disconnected.load(Relaxed), 1);
+            }
+            _ => {
+                assert!(!ended);
+                assert_eq!(parsed, [gap(&live, "a", "slow")]);
+                assert_eq!(hub.totals().slow_skipped.load(Relaxed), 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_resume_older_than_the_history_gets_the_notice_then_every_retained_event() {
+    // Issue 15, defect 6: `--history-size 5`, 20 events, resume from the
+    // first: the notice, the five retained, then live.
+    let hub = hub_with(|c| c.history_size = 5);
+    let ids: Vec<String> = (0..20)
+        .map(|i| publish(&hub, "a", &format!("e{i}")))
+        .collect();
+    let mut sub = open(&hub, &["a"], Some(&ids[0]));
+    let (mut chunks, _) = drain(&mut sub);
+    // Resuming from the notice's id reports no gap again.
+    let mut again = open(&hub, &["a"], Some(&ids[14]));
+    let (replay, _) = drain(&mut again);
+    assert_eq!(events(&replay)[0], message(&ids[15], "e15"));
+    let live = publish(&hub, "a", "live");
+    chunks.extend(drain(&mut sub).0);
+    let mut expected = vec![gap(&ids[14], "a", "expired")];
+    expected.extend((15..20).map(|i| message(&ids[i], &format!("e{i}"))));
+    expected.push(message(&live, "live"));
+    assert_eq!(events(&chunks), expected);
+}
+
+/// Waits (with a deadline) until `ttl` has passed since `since`.
+fn wait_past(since: std::time::Instant, ttl: Duration) {
+    let deadline = since + ttl + Duration::from_secs(10);
+    while since.elapsed() <= ttl {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn history_past_its_age_is_never_replayed_even_before_a_sweep() {
+    // Issue 15, defect 7: the age is enforced when a resume is located and
+    // while a resumed stream reads its history, not only by the sweep.
+    let ttl = Duration::from_millis(50);
+    let hub = hub_with(|c| c.history_ttl = ttl);
+    let published = std::time::Instant::now();
+    let ids: Vec<String> = (0..3)
+        .map(|i| publish(&hub, "a", &format!("e{i}")))
+        .collect();
+    // Opened in time, read too late: the notice instead of the events.
+    let mut slow_reader = open(&hub, &["a"], Some(&ids[0]));
+    wait_past(published, ttl);
+    let mut resumed = open(&hub, &["a"], Some(&ids[0]));
+    let live = publish(&hub, "a", "live");
+    for sub in [&mut slow_reader, &mut resumed] {
+        let (chunks, ended) = drain(sub);
+        assert!(!ended);
+        assert_eq!(
+            events(&chunks),
+            [gap(&ids[2], "a", "expired"), message(&live, "live")]
+        );
+    }
 }
 
 #[test]
@@ -726,4 +910,17 @@ fn a_reset_ring_gives_its_live_streams_a_notice_then_the_new_log() {
     // A stream opened after the reset has nothing to be told.
     let mut fresh = open(&hub, &["t"], Some("t:0-0"));
     assert_eq!(events(&drain(&mut fresh).0), [message("t:0-1", "new")]);
+}
+
+#[test]
+fn every_hub_has_its_own_epoch_even_within_one_millisecond() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let epochs: Vec<u64> = (0..50).map(|_| hub_with(|_| {}).epoch()).collect();
+    let distinct: std::collections::BTreeSet<u64> = epochs.iter().copied().collect();
+    assert_eq!(distinct.len(), epochs.len(), "{epochs:?}");
+    // The start time in milliseconds is still readable in it.
+    assert!(epochs.iter().all(|e| e / 1000 >= before), "{epochs:?}");
 }

@@ -41,6 +41,22 @@ impl Cors {
         Ok(Cors { origins })
     }
 
+    /// The default without `--cors-allow-origin` when the control plane
+    /// listens on loopback (the quick start): its own origins, so the
+    /// operators' page it serves can open its stream on this plane. Only
+    /// that page is served there, and only local processes reach it; a
+    /// control plane on any other address gets nothing by default.
+    pub fn operators_page(control: std::net::SocketAddr) -> Option<Cors> {
+        if !control.ip().is_loopback() {
+            return None;
+        }
+        let origins = [
+            format!("http://{control}"),
+            format!("http://localhost:{}", control.port()),
+        ];
+        Cors::new(&origins).ok()
+    }
+
     /// The request's `Origin` when it is an allowed one.
     pub fn allowed<'a>(&self, request: &'a HeaderMap) -> Option<&'a HeaderValue> {
         let origin = request.get(header::ORIGIN)?;

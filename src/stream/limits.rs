@@ -25,7 +25,8 @@ use crate::error::ApiError;
 use crate::limits::rate::retry_after_secs;
 use crate::limits::{RateLimiter, StreamCounts, StreamSlot, ip_key};
 
-/// Most connections being refused at once.
+/// Most connections being refused at once (unless the open-files budget
+/// lowers it, see `StreamOptions::max_refusing`).
 pub const MAX_REFUSING: usize = 1024;
 
 /// `Retry-After` when the server is full, in seconds.
@@ -58,7 +59,7 @@ impl StreamLimits {
         let rate = options.max_conn_rate_per_ip;
         StreamLimits {
             connections: Arc::new(Semaphore::new(options.max_connections)),
-            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            refusing: Arc::new(Semaphore::new(options.max_refusing.max(1))),
             max_connections: options.max_connections,
             conn_rate: RateLimiter::new(rate, rate),
             streams: StreamCounts::new(options.max_streams_per_ip),

@@ -69,6 +69,8 @@ pub struct StreamOptions {
     pub h2_max_streams: u32,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Most connections being refused (answered 503/429) at once.
+    pub max_refusing: usize,
     /// Most streams open at once per client address; 0: no limit.
     pub max_streams_per_ip: usize,
     /// New connections per second per client address; 0: no limit.
@@ -90,6 +92,7 @@ impl Default for StreamOptions {
             max_header_size: 64 * 1024,
             h2_max_streams: 100,
             max_connections: 25_000,
+            max_refusing: limits::MAX_REFUSING,
             max_streams_per_ip: 256,
             max_conn_rate_per_ip: 20,
             trusted_proxies: TrustedProxies::default(),
@@ -443,7 +446,9 @@ async fn handle(
     ended: &CancellationToken,
 ) -> StreamResponse {
     let options = &*plane.options;
-    let result = if request::is_preflight(req.method(), req.uri().path(), req.headers()) {
+    let result = if let Err(e) = request::check_framing(req.headers()) {
+        Err(e)
+    } else if request::is_preflight(req.method(), req.uri().path(), req.headers()) {
         options
             .cors
             .preflight(req.headers())

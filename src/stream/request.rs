@@ -18,6 +18,25 @@ pub fn is_preflight(method: &Method, path: &str, headers: &HeaderMap) -> bool {
     method == Method::OPTIONS && path == STREAM_PATH && headers.contains_key(http::header::ORIGIN)
 }
 
+/// Refuses a request that frames a body with `Transfer-Encoding`: a stream
+/// request has no body, and one that carries both `Transfer-Encoding` and
+/// `Content-Length` is the shape of a smuggling attempt (RFC 9112 §6.1: a
+/// server may reject it as invalid). hyper has already dropped the
+/// `Content-Length` by then (and will close the connection), so the
+/// `Transfer-Encoding` header is what is left to see.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return Err(ApiError {
+            close: true,
+            ..ApiError::bad_request(
+                "invalid_framing",
+                "a stream request has no body: Transfer-Encoding is not allowed (nor with Content-Length)",
+            )
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct StreamRequest {
     /// Distinct topics, in the order first given.
@@ -194,6 +213,20 @@ mod tests {
         );
         let e = parse(&Method::GET, "/stream", Some("topic=a"), &h, 4).unwrap_err();
         assert_eq!(e.code, "invalid_last_event_id");
+    }
+
+    #[test]
+    fn a_body_framed_by_transfer_encoding_is_refused() {
+        let mut h = HeaderMap::new();
+        assert!(check_framing(&h).is_ok());
+        h.insert("content-length", HeaderValue::from_static("0"));
+        assert!(check_framing(&h).is_ok());
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let e = check_framing(&h).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code, e.close),
+            (400, "invalid_framing", true)
+        );
     }
 
     proptest! {

@@ -146,6 +146,38 @@ impl Browser {
 }
 
 impl Page<'_> {
+    /// Lays the page out as on a `width` × `height` screen.
+    pub async fn set_viewport(&self, width: u32, height: u32) {
+        let params =
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false});
+        self.browser
+            .call(
+                Some(&self.session),
+                "Emulation.setDeviceMetricsOverride",
+                params,
+            )
+            .await
+            .expect("Emulation.setDeviceMetricsOverride");
+    }
+
+    /// Saves what the tab shows now as a PNG at `path`.
+    pub async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let shot = self
+            .browser
+            .call(
+                Some(&self.session),
+                "Page.captureScreenshot",
+                json!({"format": "png"}),
+            )
+            .await
+            .expect("Page.captureScreenshot");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64 PNG");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
     /// Evaluates `expr` (awaiting a promise) and returns its value as JSON;
     /// `Err` with the exception when it throws.
     pub async fn try_eval(&self, expr: &str) -> Result<Value, Value> {

@@ -167,6 +167,11 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id, while it runs (to hang it: SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     /// Kills the broker (SIGKILL) and waits for it to be gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -99,8 +99,39 @@ impl Nginx {
         control: &[SocketAddr],
         files: &[(&str, &str)],
     ) -> Nginx {
-        let dir = temp_dir("nginx");
         let port = free_port();
+        let mut files = files.to_vec();
+        let conf = render(SHIPPED, port, stream, control);
+        files.push(("streamline.conf", &conf));
+        Self::launch(port, &files).await
+    }
+
+    /// Runs another `http`-context file (e.g. deploy/k8s/base/come-back.conf)
+    /// with its one `listen` line moved to an ephemeral loopback port.
+    pub async fn start_conf(conf: &str) -> Nginx {
+        let port = free_port();
+        let mut listens = 0;
+        let conf: String = conf
+            .lines()
+            .map(|line| {
+                let t = line.trim_start();
+                if t.starts_with("listen ") {
+                    listens += 1;
+                    let indent = &line[..line.len() - t.len()];
+                    format!("{indent}listen 127.0.0.1:{port};\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        assert_eq!(listens, 1, "one listen line");
+        Self::launch(port, &[("streamline.conf", &conf)]).await
+    }
+
+    /// Starts nginx on `port` in a fresh directory holding `files`, the
+    /// main config including `streamline.conf`.
+    async fn launch(port: u16, files: &[(&str, &str)]) -> Nginx {
+        let dir = temp_dir("nginx");
         let d = dir.display();
         std::fs::create_dir_all(dir.join("temp")).unwrap();
         std::fs::create_dir_all(dir.join("streamline.d")).unwrap();
@@ -109,11 +140,6 @@ impl Nginx {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, contents).unwrap();
         }
-        std::fs::write(
-            dir.join("streamline.conf"),
-            render(SHIPPED, port, stream, control),
-        )
-        .unwrap();
         // One process (no master, no workers): killing its pid stops all of
         // nginx, and it reads the temp dir with the test's own rights.
         let main = format!(
@@ -187,14 +213,41 @@ impl Drop for Nginx {
     }
 }
 
-/// Two real `streamline` replicas sharing one Redis, behind nginx (which
-/// they trust with `--trusted-proxy`). The replicas drain fast
+/// Real `streamline` replicas sharing one Redis, behind nginx (which they
+/// trust with `--trusted-proxy`). The replicas drain fast
 /// (`--shutdown-delay 0s --drain-window 500ms`) and ask clients to come
-/// back after 300 ms.
+/// back after 300 ms. Each keeps its ports for life, so that it can be
+/// stopped and started again behind the same nginx, as in a rolling
+/// restart.
 pub struct Cluster {
     pub replicas: Vec<BinaryGateway>,
     pub nginx: Nginx,
     pub redis: RedisServer,
+    /// Each replica's command line, to start it again on the same ports.
+    flags: Vec<Vec<String>>,
+}
+
+/// `n` distinct loopback ports that were free a moment ago, chosen outside
+/// the kernel's ephemeral range: a replica restarted on its port must not
+/// find it taken by some test's outgoing connection meanwhile.
+pub fn stable_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let mut seed =
+        u64::from(std::process::id()) << 16 ^ u64::from(NEXT.fetch_add(1, Ordering::Relaxed));
+    let mut held = Vec::new();
+    while held.len() < n {
+        // A small LCG is enough to spread the tries over 20000..32000.
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = 20_000 + (seed >> 33) as u16 % 12_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 impl Cluster {
@@ -204,15 +257,29 @@ impl Cluster {
 
     /// `files` as for [`Nginx::start_with`].
     pub async fn start_with(files: &[(&str, &str)]) -> Cluster {
+        Self::start_n(2, &[], files).await
+    }
+
+    /// `n` replicas, each also given `extra` flags (later flags win).
+    pub async fn start_n(n: usize, extra: &[&str], files: &[(&str, &str)]) -> Cluster {
         let redis = RedisServer::start().await;
         let url = redis.url();
+        let ports = stable_ports(2 * n);
         let mut replicas = Vec::new();
-        for name in ["replica-a", "replica-b"] {
-            let flags = [
+        let mut all_flags = Vec::new();
+        for i in 0..n {
+            let name = format!("replica-{}", (b'a' + i as u8) as char);
+            let control = format!("127.0.0.1:{}", ports[2 * i]);
+            let stream = format!("127.0.0.1:{}", ports[2 * i + 1]);
+            let mut flags: Vec<String> = [
                 "--redis-url",
                 &url,
                 "--replica-id",
-                name,
+                &name,
+                "--control-addr",
+                &control,
+                "--stream-addr",
+                &stream,
                 "--shutdown-delay",
                 "0s",
                 "--drain-window",
@@ -222,8 +289,14 @@ impl Cluster {
                 // As deployed: nginx's X-Forwarded-For names the client.
                 "--trusted-proxy",
                 "127.0.0.1",
-            ];
-            replicas.push(BinaryGateway::start(&flags).await);
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            flags.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+            replicas.push(BinaryGateway::start(&args).await);
+            all_flags.push(flags);
         }
         let stream: Vec<SocketAddr> = replicas.iter().map(|r| r.stream).collect();
         let control: Vec<SocketAddr> = replicas.iter().map(|r| r.control).collect();
@@ -232,7 +305,31 @@ impl Cluster {
             replicas,
             nginx,
             redis,
+            flags: all_flags,
         }
+    }
+
+    /// Sends replica `i` SIGTERM and waits until it has exited cleanly.
+    pub async fn stop(&mut self, i: usize) {
+        self.replicas[i].signal("TERM");
+        let status = self.replicas[i].wait_exit().await;
+        assert!(status.success(), "replica {i} exits cleanly: {status}");
+    }
+
+    /// Starts replica `i` again, on its ports, and waits until its
+    /// `/ready` says 200.
+    pub async fn restart(&mut self, i: usize) {
+        let args: Vec<&str> = self.flags[i].iter().map(String::as_str).collect();
+        self.replicas[i] = BinaryGateway::start(&args).await;
+        let ready = self.replicas[i].control_url("/ready");
+        super::eventually_async("the restarted replica is ready", || async {
+            super::http()
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
     }
 
     /// The replica holding the stream with client id `id`.
@@ -268,4 +365,37 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What one publish attempt through nginx came to.
+#[derive(Debug)]
+pub enum Outcome {
+    Accepted(String),
+    /// The replica went away under the request (nginx's `502
+    /// replica_failed`): the event may or may not have been published, and
+    /// nginx does not resend a PATCH.
+    Unknown,
+}
+
+/// Splits publish attempts (data → outcome) into the acknowledged ones
+/// (id → data) and the data of those whose outcome is unknown.
+pub fn split_attempts(
+    attempts: &std::collections::BTreeMap<String, Outcome>,
+) -> (
+    std::collections::BTreeMap<&str, &str>,
+    std::collections::BTreeSet<&str>,
+) {
+    let mut acked = std::collections::BTreeMap::new();
+    let mut unknown = std::collections::BTreeSet::new();
+    for (data, outcome) in attempts {
+        match outcome {
+            Outcome::Accepted(id) => {
+                acked.insert(id.as_str(), data.as_str());
+            }
+            Outcome::Unknown => {
+                unknown.insert(data.as_str());
+            }
+        }
+    }
+    (acked, unknown)
 }

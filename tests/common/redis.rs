@@ -67,6 +67,27 @@ impl RedisServer {
         client.get_multiplexed_async_connection().await.unwrap()
     }
 
+    /// Hangs the server (SIGSTOP): it keeps its connections and what they
+    /// send, and answers nothing until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a hung server (SIGCONT); it runs what it received meanwhile.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} {pid}");
+    }
+
     /// Kills the server (SIGKILL) and waits for it to be gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

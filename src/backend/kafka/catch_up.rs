@@ -5,6 +5,7 @@
 //! or when Kafka gives nothing for `--kafka-timeout`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -14,7 +15,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::{Apply, Context, KafkaOptions, decode, position};
+use super::idempotency::Dedup;
+use super::{Apply, Context, KafkaOptions, KafkaStats, decode, first_copy, position};
 use crate::backend::{CatchUp, StoredEvent};
 use crate::id::Position;
 
@@ -23,7 +25,12 @@ const PAGE: usize = 500;
 
 pub(super) struct Reader<'a> {
     pub opts: &'a KafkaOptions,
+    pub stats: &'a KafkaStats,
+    /// Copies of keyed records are dropped here as in the live consumer.
+    pub dedup: &'a Dedup,
     pub topic: &'a str,
+    /// The SSE topic the Kafka topic feeds (event ids carry it).
+    pub sse: &'a str,
     pub partition: i32,
 }
 
@@ -137,9 +144,12 @@ impl Reader<'_> {
             if pos > until {
                 break;
             }
-            // A record that is not an event is skipped here too, but counted
-            // only by the shared consumer, which reads every record once.
-            if let Some((event, data)) = decode(&m, &self.opts.event_header) {
+            if !first_copy(self.dedup, &m, &pos.id_in(self.sse)) {
+                self.stats.duplicates_dropped.fetch_add(1, Relaxed);
+            } else if let Some((event, data)) = decode(&m, &self.opts.event_header) {
+                // A record that is not an event is skipped here too, but
+                // counted only by the shared consumer, which reads every
+                // record once.
                 page.push(StoredEvent {
                     pos,
                     event: event.map(str::to_owned),

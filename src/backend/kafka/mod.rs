@@ -36,6 +36,7 @@
 //! the topic's new id before it fetches.
 
 mod catch_up;
+mod idempotency;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -56,7 +57,9 @@ use super::{Bus, BusError, CatchUp, NewEvent};
 use crate::control::events::{MAX_EVENT_NAME, RESERVED_PREFIX};
 use crate::hub::{Hub, HubError};
 use crate::id::Position;
+use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
+use idempotency::{Dedup, Tag};
 
 /// How often metadata is fetched (health, new partitions).
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -118,6 +121,9 @@ pub struct KafkaOptions {
     pub max_catch_up: usize,
     /// Names this replica's clients (`client.id`).
     pub replica_id: String,
+    /// How long, and how many, `Idempotency-Key`s the consumers remember.
+    pub idempotency_window: Duration,
+    pub idempotency_capacity: usize,
 }
 
 /// Per Kafka topic counters.
@@ -134,6 +140,8 @@ pub struct KafkaStats {
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     pub produce_errors: AtomicU64,
     pub catch_ups_running: AtomicI64,
+    /// Records dropped as copies of a keyed record already delivered.
+    pub duplicates_dropped: AtomicU64,
 }
 
 impl KafkaStats {
@@ -268,7 +276,11 @@ pub struct KafkaBus {
     last_records: Mutex<HashMap<String, (Position, u64)>>,
     catch_ups: Arc<Semaphore>,
     up: AtomicBool,
+    /// Whether Kafka has answered since start-up.
+    was_up: AtomicBool,
     stats: Arc<KafkaStats>,
+    /// Keyed records seen by this replica's consumers.
+    dedup: Dedup,
     tracker: tokio_util::task::TaskTracker,
     me: Weak<KafkaBus>,
 }
@@ -339,6 +351,40 @@ fn decode<'m>(m: &'m BorrowedMessage<'_>, header: &str) -> Option<(Option<&'m st
     Some((event, data))
 }
 
+/// Whether `m` is to be delivered: not a copy of a keyed record already
+/// delivered (see [`idempotency`]). `id` is its event id.
+fn first_copy(dedup: &Dedup, m: &BorrowedMessage<'_>, id: &str) -> bool {
+    let tag = m.headers().and_then(|headers| {
+        let value = headers
+            .iter()
+            .filter(|h| h.key == idempotency::HEADER)
+            .last()?
+            .value?;
+        Tag::parse(value)
+    });
+    tag.is_none_or(|tag| dedup.first_copy(&tag, id))
+}
+
+/// Broker answers that prove a record was not written.
+fn rejected(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+    )
+}
+
+fn outcome_unknown(e: impl std::fmt::Display) -> BusError {
+    BusError::OutcomeUnknown {
+        backend: "kafka",
+        reason: e.to_string(),
+    }
+}
+
 impl KafkaBus {
     /// Creates the bus for `hub`. Clients connect lazily and retry, so the
     /// gateway starts, not ready, while Kafka is down.
@@ -363,6 +409,7 @@ impl KafkaBus {
             me: me.clone(),
             catch_ups: Arc::new(Semaphore::new(opts.max_catch_up.max(1))),
             stats: Arc::new(KafkaStats::new(&opts.topics)),
+            dedup: Dedup::new(opts.idempotency_window, opts.idempotency_capacity),
             opts,
             sse_of,
             kafka_of,
@@ -374,6 +421,7 @@ impl KafkaBus {
             missing: Mutex::new(HashSet::new()),
             last_records: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
+            was_up: AtomicBool::new(false),
             tracker,
         }))
     }
@@ -538,6 +586,10 @@ impl KafkaBus {
         };
         let key = ring_key(sse, m.partition());
         let pos = position(m.partition(), m.offset());
+        if !first_copy(&self.dedup, m, &pos.id_in(sse)) {
+            self.stats.duplicates_dropped.fetch_add(1, Relaxed);
+            return;
+        }
         self.last_records
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -628,6 +680,7 @@ impl KafkaBus {
             }
             let usable = synced.as_ref().is_ok_and(|s| s.usable);
             let ok = usable && self.producer_ready(probe).await;
+            self.was_up.fetch_or(ok, Relaxed);
             if self.up.swap(ok, Relaxed) != ok {
                 if ok {
                     tracing::info!("kafka is reachable: publishing works again");
@@ -834,9 +887,13 @@ impl KafkaBus {
             timeout: self.opts.timeout.min(RECORD_CHECK_TIMEOUT),
             ..self.opts.clone()
         };
+        let sse = self.sse_of.get(topic).map_or("", |s| &**s);
         let reader = catch_up::Reader {
             opts: &opts,
+            stats: &self.stats,
+            dedup: &self.dedup,
             topic,
+            sse,
             partition,
         };
         // One record: the channel holds it, so `run` never waits on it.
@@ -918,6 +975,151 @@ fn retire(old: Option<LiveProducer>) {
     }
 }
 
+impl KafkaBus {
+    /// Produces `events` (tagged with `key`, see [`idempotency`]) and
+    /// waits for every acknowledgement; returns their positions. Fails
+    /// with `Unavailable` only when no record can have been written, else
+    /// `OutcomeUnknown`.
+    async fn produce(
+        &self,
+        events: &[NewEvent],
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Vec<Position>, BusError> {
+        let mut targets = Vec::with_capacity(events.len());
+        for (i, ev) in events.iter().enumerate() {
+            let Some(kafka) = self.kafka_of.get(&ev.topic) else {
+                let at = if events.len() > 1 {
+                    format!("[{i}].topic")
+                } else {
+                    "topic".into()
+                };
+                return Err(BusError::NoSuchTopic(format!(
+                    "{at}: no Kafka topic is mapped to {:?} (see --kafka-topics)",
+                    ev.topic
+                )));
+            };
+            targets.push(kafka.as_str());
+        }
+        // While Kafka is known to be down (it answered once, and the
+        // metadata watch has since lost it), send nothing: a record queued
+        // now would end in a timeout, which cannot tell "not written" from
+        // "written", so the publisher could only be told "unknown".
+        if self.was_up.load(Relaxed) && !Bus::is_up(self) {
+            return Err(unavailable(
+                "Kafka is unreachable (see /ready); nothing was sent",
+            ));
+        }
+        let producer = self.live_producer()?;
+        let header = self.opts.event_header.as_str();
+        let mut deliveries = Vec::with_capacity(events.len());
+        for (i, (ev, kafka)) in events.iter().zip(&targets).enumerate() {
+            let mut record = FutureRecord::<str, str>::to(kafka).payload(&ev.data);
+            let mut headers = None;
+            if let Some(name) = &ev.event {
+                headers = Some(OwnedHeaders::new().insert(Header {
+                    key: header,
+                    value: Some(name.as_bytes()),
+                }));
+            }
+            if let Some(key) = key {
+                let tag = Tag::encode(i, events.len(), key);
+                headers = Some(headers.unwrap_or_default().insert(Header {
+                    key: idempotency::HEADER,
+                    value: Some(tag.as_bytes()),
+                }));
+                // Same partition as any earlier attempt: "first" is then
+                // the same on every replica.
+                record = record.key(key.key.as_str());
+            }
+            if let Some(headers) = headers {
+                record = record.headers(headers);
+            }
+            match producer.inner.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => {
+                    let n = events.len() - deliveries.len();
+                    self.stats.produce_errors.fetch_add(n as u64, Relaxed);
+                    // Records queued before this one may be sent anyway.
+                    return Err(if deliveries.is_empty() {
+                        unavailable(e)
+                    } else {
+                        outcome_unknown(format!(
+                            "{e} after {} of {} events were queued",
+                            deliveries.len(),
+                            events.len()
+                        ))
+                    });
+                }
+            }
+        }
+        let all = futures_util::future::join_all(deliveries);
+        let Ok(results) = tokio::time::timeout(self.opts.timeout, all).await else {
+            // Until the watch has replaced it, `/ready` says 503.
+            producer.health.failing.store(true, Relaxed);
+            self.stats
+                .produce_errors
+                .fetch_add(events.len() as u64, Relaxed);
+            // A record not acknowledged may still be written (an
+            // acknowledgement lost, or a broker that resumes).
+            return Err(outcome_unknown(format!(
+                "no acknowledgement within {:?}",
+                self.opts.timeout
+            )));
+        };
+        let mut acked = Vec::with_capacity(events.len());
+        let (mut failure, mut all_rejected) = (None, true);
+        for result in results {
+            match result {
+                Ok(Ok(d)) => acked.push(position(d.partition, d.offset)),
+                Ok(Err((e, _))) => {
+                    self.stats.produce_errors.fetch_add(1, Relaxed);
+                    let code = e.rdkafka_error_code();
+                    if let Some(code) = code.filter(|c| fenced(*c)) {
+                        self.renew_producer(&producer, &format!("the broker fenced it ({code})"));
+                    }
+                    all_rejected &= code.is_some_and(rejected);
+                    failure = Some(e.to_string());
+                }
+                Err(_) => {
+                    self.stats.produce_errors.fetch_add(1, Relaxed);
+                    all_rejected = false;
+                    failure = Some("the producer was closed".into());
+                }
+            }
+        }
+        producer.health.failing.store(failure.is_some(), Relaxed);
+        match failure {
+            None => Ok(acked),
+            Some(reason) if all_rejected && acked.is_empty() => Err(unavailable(reason)),
+            Some(reason) => Err(outcome_unknown(format!(
+                "{reason} ({} of {} events acknowledged)",
+                acked.len(),
+                events.len()
+            ))),
+        }
+    }
+
+    /// Waits, at most `--kafka-timeout`, until this replica's consumer has
+    /// delivered (or dropped) the records at `acked`.
+    async fn consumed(&self, events: &[NewEvent], acked: &[Position]) {
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
+        let passed = || {
+            events.iter().zip(acked).all(|(ev, pos)| {
+                // A ring this replica does not hold (`--max-topics`) is
+                // not consumed here: nothing to wait for.
+                hub.ring_head(&ring_key(&ev.topic, pos.hi as i32))
+                    .is_none_or(|head| head >= *pos)
+            })
+        };
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        while !passed() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
 impl KafkaOptions {
     fn consumer(&self) -> Result<Cons, BusError> {
         self.client_config()
@@ -990,79 +1192,40 @@ impl Bus for KafkaBus {
         events: &'a [NewEvent],
     ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
         Box::pin(async move {
-            let mut targets = Vec::with_capacity(events.len());
-            for (i, ev) in events.iter().enumerate() {
-                let Some(kafka) = self.kafka_of.get(&ev.topic) else {
-                    let at = if events.len() > 1 {
-                        format!("[{i}].topic")
-                    } else {
-                        "topic".into()
-                    };
-                    return Err(BusError::NoSuchTopic(format!(
-                        "{at}: no Kafka topic is mapped to {:?} (see --kafka-topics)",
-                        ev.topic
-                    )));
-                };
-                targets.push(kafka.as_str());
+            let acked = self.produce(events, None).await?;
+            Ok(events
+                .iter()
+                .zip(acked)
+                .map(|(ev, pos)| pos.id_in(&ev.topic))
+                .collect())
+        })
+    }
+
+    fn publish_once<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+        key: &'a IdempotencyKey,
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            if let Some(ids) = self.dedup.answer(key)? {
+                tracing::debug!(key = %key.key, "a retried publish answered from what was consumed");
+                return Ok(ids);
             }
-            let producer = self.live_producer()?;
-            let header = self.opts.event_header.as_str();
-            let mut deliveries = Vec::with_capacity(events.len());
-            for (ev, kafka) in events.iter().zip(&targets) {
-                let mut record = FutureRecord::<(), str>::to(kafka).payload(&ev.data);
-                if let Some(name) = &ev.event {
-                    record = record.headers(OwnedHeaders::new().insert(Header {
-                        key: header,
-                        value: Some(name.as_bytes()),
-                    }));
-                }
-                match producer.inner.send_result(record) {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err((e, _)) => {
-                        let n = events.len() - deliveries.len();
-                        self.stats.produce_errors.fetch_add(n as u64, Relaxed);
-                        return Err(unavailable(e));
-                    }
-                }
-            }
-            let all = futures_util::future::join_all(deliveries);
-            let Ok(results) = tokio::time::timeout(self.opts.timeout, all).await else {
-                // Until the watch has replaced it, `/ready` says 503.
-                producer.health.failing.store(true, Relaxed);
-                self.stats
-                    .produce_errors
-                    .fetch_add(events.len() as u64, Relaxed);
-                return Err(unavailable(format!(
-                    "no acknowledgement within {:?}",
-                    self.opts.timeout
-                )));
-            };
-            let mut ids = Vec::with_capacity(events.len());
-            let mut failure = None;
-            for (ev, result) in events.iter().zip(results) {
-                match result {
-                    Ok(Ok(d)) => ids.push(position(d.partition, d.offset).id_in(&ev.topic)),
-                    Ok(Err((e, _))) => {
-                        self.stats.produce_errors.fetch_add(1, Relaxed);
-                        if let Some(code) = e.rdkafka_error_code().filter(|c| fenced(*c)) {
-                            self.renew_producer(
-                                &producer,
-                                &format!("the broker fenced it ({code})"),
-                            );
-                        }
-                        failure = Some(e.to_string());
-                    }
-                    Err(_) => {
-                        self.stats.produce_errors.fetch_add(1, Relaxed);
-                        failure = Some("the producer was closed".into());
-                    }
-                }
-            }
-            producer.health.failing.store(failure.is_some(), Relaxed);
-            match failure {
-                Some(reason) => Err(unavailable(reason)),
-                None => Ok(ids),
-            }
+            let acked = self.produce(events, Some(key)).await?;
+            // A first attempt whose outcome was unknown may be in the log
+            // before these records: once the consumer has passed them, the
+            // table names the copies subscribers got.
+            self.consumed(events, &acked).await;
+            Ok(events
+                .iter()
+                .zip(acked)
+                .enumerate()
+                .map(|(i, (ev, pos))| {
+                    self.dedup
+                        .first_id(key, i)
+                        .unwrap_or_else(|| pos.id_in(&ev.topic))
+                })
+                .collect())
         })
     }
 
@@ -1100,9 +1263,15 @@ impl Bus for KafkaBus {
         let Some(bus) = self.me.upgrade() else {
             return rx;
         };
-        let target = self.partition_of(ring);
+        let target = ring.rsplit_once('#').and_then(|(sse, p)| {
+            Some((
+                self.kafka_of.get(sse)?.clone(),
+                sse.to_owned(),
+                p.parse::<i32>().ok()?,
+            ))
+        });
         self.tracker.spawn(async move {
-            let Some((topic, partition)) = target else {
+            let Some((topic, sse, partition)) = target else {
                 let _ = tx
                     .send(CatchUp::Failed("not a Kafka partition".into()))
                     .await;
@@ -1115,7 +1284,10 @@ impl Bus for KafkaBus {
             bus.stats.catch_ups_running.fetch_add(1, Relaxed);
             let reader = catch_up::Reader {
                 opts: &bus.opts,
+                stats: &bus.stats,
+                dedup: &bus.dedup,
                 topic: &topic,
+                sse: &sse,
                 partition,
             };
             let last = reader.run(after, until, &tx).await;

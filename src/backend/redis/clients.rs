@@ -61,6 +61,10 @@ impl ClusterClients {
         format!("{}:replicas", self.prefix)
     }
 
+    fn stats_key(&self, replica: &str) -> String {
+        format!("{}:stats:{replica}", self.prefix)
+    }
+
     fn kick_channel(&self, replica: &str) -> String {
         format!("{}:kick:{replica}", self.prefix)
     }
@@ -88,13 +92,14 @@ impl ClusterClients {
                 _ = tick.tick() => {},
                 _ = life.stopped() => break,
             }
-            match self.refresh(&synced).await {
+            match self.refresh(&synced, life.phase()).await {
                 Ok(now) => synced = now,
                 Err(e) => tracing::warn!(error = %e, "cannot refresh the cluster client registry"),
             }
         }
         let mut pipe = redis::pipe();
         pipe.del(self.hash(&self.replica))
+            .del(self.stats_key(&self.replica))
             .zrem(self.replicas(), &self.replica);
         match self.run::<()>(pipe).await {
             Ok(()) => {
@@ -106,14 +111,26 @@ impl ClusterClients {
         }
     }
 
-    /// Writes what changed since `synced`; rewrites everything when the
-    /// hash no longer matches (e.g. Redis restarted empty).
-    async fn refresh(&self, synced: &HashSet<Arc<str>>) -> Result<HashSet<Arc<str>>, BusError> {
+    /// Writes what changed since `synced`, and this replica's stats;
+    /// rewrites everything when the hash no longer matches (e.g. Redis
+    /// restarted empty).
+    async fn refresh(
+        &self,
+        synced: &HashSet<Arc<str>>,
+        phase: &'static str,
+    ) -> Result<HashSet<Arc<str>>, BusError> {
         let clients = self.hub.clients();
         let now: HashSet<Arc<str>> = clients.iter().map(|c| c.id().clone()).collect();
         let hash = self.hash(&self.replica);
+        let stats = serde_json::to_string(&self.hub.replica_stats(phase)).unwrap_or_default();
         let mut pipe = redis::pipe();
         pipe.atomic();
+        pipe.cmd("SET")
+            .arg(self.stats_key(&self.replica))
+            .arg(stats)
+            .arg("PX")
+            .arg(TTL.as_millis() as u64)
+            .ignore();
         for c in clients.iter().filter(|c| !synced.contains(c.id())) {
             pipe.hset(&hash, &**c.id(), entry(c)).ignore();
         }
@@ -201,6 +218,35 @@ impl ClusterClients {
                     obj.insert("replica".into(), replica.clone().into());
                     out.push(serde_json::Value::Object(obj));
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every live replica's stats but this one's, as written at its last
+    /// refresh (at most [`REFRESH`] old), each with a `replica` field.
+    pub async fn other_stats(&self) -> Result<Vec<serde_json::Value>, BusError> {
+        let others: Vec<String> = self
+            .live_replicas()
+            .await?
+            .into_iter()
+            .filter(|r| *r != self.replica)
+            .collect();
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for replica in &others {
+            cmd.arg(self.stats_key(replica));
+        }
+        let entries: Vec<Option<String>> = self.run(cmd).await?;
+        let mut out = Vec::new();
+        for (replica, entry) in others.into_iter().zip(entries) {
+            if let Some(Ok(serde_json::Value::Object(mut obj))) =
+                entry.map(|e| serde_json::from_str(&e))
+            {
+                obj.insert("replica".into(), replica.into());
+                out.push(serde_json::Value::Object(obj));
             }
         }
         Ok(out)

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use super::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
 use crate::hub::{Hub, HubError};
 use crate::id::Position;
+use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
 
 /// How long a followed topic with no subscribers is still tailed, so a
@@ -50,7 +51,41 @@ pub struct RedisOptions {
     pub max_catch_up: usize,
     /// This replica's name in the cluster-wide client registry.
     pub replica_id: String,
+    /// How long an `Idempotency-Key` is kept in Redis (`--idempotency-window`).
+    pub idempotency_window: Duration,
 }
+
+/// `PATCH /events` with an `Idempotency-Key`, in one script so Redis runs
+/// the check, the appends and the record of the key as one step: a
+/// request that reached a hung Redis runs once when it resumes, and a
+/// retry, before or after, finds the key.
+/// KEYS: the key's record, then one stream per event. ARGV: the batch's
+/// fingerprint, the window in ms, MAXLEN, then per event: has a name
+/// (`1`/`0`), the name, the data. Returns `{1, record}` when it appended,
+/// `{0, record}` when the key was there; a record is the fingerprint and
+/// the entry ids, space-separated.
+const PUBLISH_ONCE: &str = r#"
+local done = redis.call('GET', KEYS[1])
+if done then return {0, done} end
+for i = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= 'stream' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is not a stream; nothing was appended')
+  end
+end
+local ids = {}
+for i = 2, #KEYS do
+  local at = 4 + (i - 2) * 3
+  if ARGV[at] == '1' then
+    ids[#ids + 1] = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[at + 1], 'd', ARGV[at + 2])
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[at + 2])
+  end
+end
+local record = ARGV[1] .. ' ' .. table.concat(ids, ' ')
+redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
+return {1, record}
+"#;
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -72,6 +107,8 @@ pub struct RedisBus {
     tail_changed: Notify,
     catch_ups: Arc<Semaphore>,
     up: AtomicBool,
+    /// Whether Redis has answered since start-up (for the log line).
+    was_up: AtomicBool,
     stats: Arc<RedisStats>,
     tracker: tokio_util::task::TaskTracker,
     /// Lets `&self` methods hand an owned handle to the tasks they spawn.
@@ -90,6 +127,27 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable {
         backend: "redis",
         reason: e.to_string(),
+    }
+}
+
+fn outcome_unknown(e: impl std::fmt::Display) -> BusError {
+    BusError::OutcomeUnknown {
+        backend: "redis",
+        reason: e.to_string(),
+    }
+}
+
+/// What a failed publish command means for its events. Only a connection
+/// that was never made (refused) or an error reply to a command that
+/// checks everything before writing proves nothing was appended; a
+/// timeout or a connection lost with the command in flight may have
+/// appended them (a hung Redis runs what it received once it resumes).
+fn publish_failure(e: redis::RedisError, checked_first: bool) -> BusError {
+    let replied = matches!(e.kind(), redis::ErrorKind::Server(_));
+    if e.is_connection_refusal() || (replied && checked_first) {
+        unavailable(e)
+    } else {
+        outcome_unknown(e)
     }
 }
 
@@ -144,6 +202,7 @@ impl RedisBus {
             tail: Mutex::new(HashMap::new()),
             tail_changed: Notify::new(),
             up: AtomicBool::new(false),
+            was_up: AtomicBool::new(false),
             stats: Arc::default(),
             tracker,
         }))
@@ -192,8 +251,9 @@ impl RedisBus {
         }
     }
 
-    /// `XINFO STREAM` fields we use: the newest id ever generated and the
-    /// newest id ever deleted (trimmed). A missing stream reads as `0-0`s.
+    /// From `XINFO STREAM`: the newest id ever generated and the newest id
+    /// that may have been deleted (`XDEL`, or trimmed). A missing stream
+    /// reads as `0-0`s.
     async fn stream_info(&self, topic: &str) -> Result<(Position, Position), BusError> {
         let mut cmd = redis::cmd("XINFO");
         cmd.arg("STREAM").arg(self.key(topic));
@@ -210,7 +270,24 @@ impl RedisBus {
                 .and_then(|s| entry_pos(&s))
                 .unwrap_or_default()
         };
-        Ok((pos("last-generated-id"), pos("max-deleted-entry-id")))
+        let count = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                .unwrap_or(0)
+        };
+        // `XADD MAXLEN` trims without moving max-deleted-entry-id (Redis
+        // 7.0): when entries were removed, everything before the first one
+        // left may be gone too.
+        let mut deleted = pos("max-deleted-entry-id");
+        if count("entries-added") > count("length") {
+            let first = pos("recorded-first-entry-id");
+            let before_first = match first.lo {
+                0 => Position::new(first.hi.saturating_sub(1), u64::MAX),
+                lo => Position::new(first.hi, lo - 1),
+            };
+            deleted = deleted.max(before_first);
+        }
+        Ok((pos("last-generated-id"), deleted))
     }
 
     async fn health_loop(self: Arc<Self>, life: Lifecycle) {
@@ -221,17 +298,48 @@ impl RedisBus {
                 _ = life.stopped() => return,
             }
             let start = std::time::Instant::now();
-            let ok = self.run::<String>(&redis::cmd("PING")).await.is_ok();
+            let ping = self.run::<String>(&redis::cmd("PING")).await;
             self.stats
                 .rtt_micros
                 .store(start.elapsed().as_micros() as u64, Relaxed);
-            if self.up.swap(ok, Relaxed) != ok {
-                if ok {
-                    tracing::info!("redis is reachable");
-                } else {
-                    tracing::warn!("redis is unreachable");
-                }
+            match ping {
+                Ok(_) => self.set_up(true, None),
+                Err(e) => self.set_up(false, Some(&e)),
             }
+        }
+    }
+
+    /// Fails, sending nothing, while Redis is known to be lost (it answered
+    /// once, and the health check or the tail has since found it gone): a
+    /// command sent now would end in a timeout or a dropped connection,
+    /// which cannot tell "not run" from "run" (a hung Redis runs it when it
+    /// resumes), so the publisher could only be told "unknown". Not before
+    /// Redis first answered, so a fresh replica still tries.
+    fn refuse_while_lost(&self) -> Result<(), BusError> {
+        if self.was_up.load(Relaxed) && !self.up.load(Relaxed) {
+            return Err(unavailable(
+                "Redis is unreachable (see /ready); nothing was sent",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records whether Redis answers, logging each change once: the health
+    /// check and the tail both report, so a transition is logged by whichever
+    /// sees it first, never once per retry.
+    fn set_up(&self, ok: bool, error: Option<&dyn std::fmt::Display>) {
+        if self.up.swap(ok, Relaxed) == ok {
+            return;
+        }
+        if !ok {
+            match error {
+                Some(e) => tracing::warn!(error = %e, "redis is unreachable"),
+                None => tracing::warn!("redis is unreachable"),
+            }
+        } else if self.was_up.swap(true, Relaxed) {
+            tracing::info!("redis is reachable again");
+        } else {
+            tracing::info!("redis is reachable");
         }
     }
 
@@ -251,19 +359,25 @@ impl RedisBus {
                 c = connect => c,
                 _ = life.stopped() => return,
             };
-            let err = match conn {
+            let (err, was_connected) = match conn {
                 Ok(conn) => {
                     backoff = BACKOFF_MIN;
                     match self.tail_on(conn, &life).await {
                         Ok(()) => return,
-                        Err(e) => e,
+                        Err(e) => (e, true),
                     }
                 }
-                Err(e) => e,
+                Err(e) => (e, false),
             };
-            self.up.store(false, Relaxed);
+            self.set_up(false, Some(&err));
             self.stats.reconnects.fetch_add(1, Relaxed);
-            tracing::warn!(error = %err, retry_in = ?backoff, "redis tail lost its connection");
+            // Once per lost connection; each failed attempt to get it back
+            // only at debug level (the outage itself is logged once above).
+            if was_connected {
+                tracing::warn!(error = %err, retry_in = ?backoff, "redis tail lost its connection");
+            } else {
+                tracing::debug!(error = %err, retry_in = ?backoff, "redis tail cannot reconnect yet");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {},
                 _ = life.stopped() => return,
@@ -327,7 +441,7 @@ impl RedisBus {
                     _ = life.stopped() => return Ok(()),
                 }
             };
-            self.up.store(true, Relaxed);
+            self.set_up(true, None);
             if let Some(reply) = reply {
                 self.deliver(reply);
             }
@@ -382,6 +496,7 @@ impl Bus for RedisBus {
         events: &'a [NewEvent],
     ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
         Box::pin(async move {
+            self.refuse_while_lost()?;
             let mut pipe = redis::pipe();
             pipe.atomic();
             for ev in events {
@@ -400,9 +515,10 @@ impl Bus for RedisBus {
             let mut conn = self.conn.clone();
             let ids: Vec<String> =
                 match tokio::time::timeout(self.opts.timeout, pipe.query_async(&mut conn)).await {
-                    Ok(r) => r.map_err(unavailable)?,
+                    // An error inside EXEC leaves the other appends in place.
+                    Ok(r) => r.map_err(|e| publish_failure(e, false))?,
                     Err(_) => {
-                        return Err(unavailable(format!(
+                        return Err(outcome_unknown(format!(
                             "no answer within {:?}",
                             self.opts.timeout
                         )));
@@ -411,6 +527,58 @@ impl Bus for RedisBus {
             Ok(events
                 .iter()
                 .zip(ids)
+                .map(|(ev, id)| format!("{}:{id}", ev.topic))
+                .collect())
+        })
+    }
+
+    fn publish_once<'a>(
+        &'a self,
+        events: &'a [NewEvent],
+        key: &'a IdempotencyKey,
+    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            self.refuse_while_lost()?;
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(PUBLISH_ONCE)
+                .arg(events.len() + 1)
+                .arg(format!("{}:idem:{}", self.opts.prefix, key.key));
+            for ev in events {
+                cmd.arg(self.key(&ev.topic));
+            }
+            cmd.arg(&key.fingerprint)
+                .arg(self.opts.idempotency_window.as_millis().max(1) as u64)
+                .arg(self.opts.stream_maxlen);
+            for ev in events {
+                match &ev.event {
+                    Some(name) => cmd.arg("1").arg(name),
+                    None => cmd.arg("0").arg(""),
+                };
+                cmd.arg(&ev.data);
+            }
+            let mut conn = self.conn.clone();
+            let (appended, record): (i64, String) =
+                match tokio::time::timeout(self.opts.timeout, cmd.query_async(&mut conn)).await {
+                    Ok(r) => r.map_err(|e| publish_failure(e, true))?,
+                    Err(_) => {
+                        return Err(outcome_unknown(format!(
+                            "no answer within {:?}",
+                            self.opts.timeout
+                        )));
+                    }
+                };
+            let mut parts = record.split(' ');
+            let fingerprint = parts.next().unwrap_or_default();
+            let entry_ids: Vec<&str> = parts.collect();
+            if fingerprint != key.fingerprint || entry_ids.len() != events.len() {
+                return Err(BusError::key_reused(&key.key));
+            }
+            if appended == 0 {
+                tracing::debug!(key = %key.key, "a retried publish answered from Redis");
+            }
+            Ok(events
+                .iter()
+                .zip(entry_ids)
                 .map(|(ev, id)| format!("{}:{id}", ev.topic))
                 .collect())
         })
@@ -491,10 +659,14 @@ impl RedisBus {
             Ok(info) => info,
             Err(e) => return Some(CatchUp::Failed(e.to_string())),
         };
-        if deleted > after {
-            return Some(CatchUp::Gap);
-        }
         let mut cur = after;
+        if deleted > after {
+            // Trimmed past the resume point: say so, then send what is left.
+            if tx.send(CatchUp::Trimmed(deleted)).await.is_err() {
+                return None;
+            }
+            cur = deleted;
+        }
         while cur < until {
             let mut cmd = redis::cmd("XRANGE");
             cmd.arg(key)

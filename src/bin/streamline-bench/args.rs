@@ -18,7 +18,14 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 /// Prints a progress line on stderr once a second, a table on stdout at the
 /// end, and last one JSON line with every figure.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "streamline-bench", version, max_term_width = 100)]
+// A later flag overrides an earlier one (scripts set defaults, callers
+// override them).
+#[command(
+    name = "streamline-bench",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Args {
     /// Stream URL; `{topic}` is replaced by the stream's topic. Plain
     /// `http://` only (raw HTTP/1.1 over TCP).
@@ -136,6 +143,24 @@ pub struct Args {
     #[arg(long, env = "STREAMLINE_BENCH_IDLE_ONLY")]
     pub idle_only: bool,
 
+    /// Reconnection delay of a client whose server sent no `retry:` (the
+    /// default of an `EventSource` is the browser's choice; a few seconds).
+    #[arg(long, env = "STREAMLINE_BENCH_RECONNECT_DELAY", default_value = "3s", value_parser = duration)]
+    pub reconnect_delay: Duration,
+
+    /// Rolling-restart mode (bench/churn.sh): publish until stdin closes,
+    /// then for --duration more. Each line read on stdin (`restart
+    /// replica-1`, say) marks the start of a restart; the reconnects that
+    /// follow, up to the next mark, are that restart's drain window. Prints
+    /// `churn: publishing` on stderr once the first mark may come.
+    #[arg(long, env = "STREAMLINE_BENCH_CHURN")]
+    pub churn: bool,
+
+    /// The gateways' --drain-window (with --churn): a drain's mean
+    /// reconnect rate is its reconnects over this window.
+    #[arg(long, env = "STREAMLINE_BENCH_DRAIN_WINDOW", default_value = "3s", value_parser = duration)]
+    pub drain_window: Duration,
+
     /// Name for this run in the JSON line and in --table.
     #[arg(long, env = "STREAMLINE_BENCH_LABEL", default_value = "")]
     pub label: String,
@@ -163,11 +188,6 @@ impl Args {
         ((self.rate / 1000.0).ceil() as usize).clamp(1, 8)
     }
 
-    /// Events the publish phase plans to send.
-    pub fn planned(&self) -> u64 {
-        (self.rate * self.duration).floor() as u64
-    }
-
     pub fn check(&self) -> Result<(), String> {
         if self.topics == 0 {
             return Err("--topics must be at least 1".into());
@@ -183,6 +203,12 @@ impl Args {
         }
         if self.pub_batch > 1 && self.pub_url.contains("{topic}") {
             return Err("--pub-batch needs a publish URL without {topic}".into());
+        }
+        if self.churn && self.idle_only {
+            return Err("--churn publishes: not with --idle-only".into());
+        }
+        if self.drain_window.is_zero() {
+            return Err("--drain-window must be positive".into());
         }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());

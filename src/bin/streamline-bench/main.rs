@@ -3,8 +3,12 @@
 //! latency and the server's memory and CPU (see `--help`).
 //!
 //! The phases, in order: open every stream (bounded concurrency) and wait
-//! for each HTTP 200; sample the server's memory; publish for `--duration`;
-//! wait until deliveries stop; sample again; close and report.
+//! for each HTTP 200; sample the server's memory; publish for `--duration`
+//! (with `--churn`: until stdin closes, then `--duration` more, taking each
+//! line read meanwhile as the start of a restart); wait until deliveries
+//! stop; sample again; close and report. Meanwhile each client behaves as
+//! a browser's `EventSource` does: it reconnects when its stream ends, with
+//! `Last-Event-ID`, after the `retry:` delay.
 //!
 //! Modules: [`args`] (the flags), [`target`] (stream URL and source
 //! addresses), [`subscriber`] (the stream tasks), [`scan`] (HTTP head,
@@ -107,7 +111,7 @@ struct Progress {
     start: Instant,
     phase: Mutex<&'static str>,
     subscribers: usize,
-    planned: u64,
+    idle_only: bool,
     quiet: bool,
 }
 
@@ -127,13 +131,17 @@ impl Progress {
             tick.tick().await;
             let delivered = streams.delivered();
             let phase = *self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            let planned = match plan.planned() {
+                _ if self.idle_only => "0".to_owned(),
+                u64::MAX => "?".to_owned(),
+                n => n.to_string(),
+            };
             eprintln!(
-                "[{:>4.0}s] {phase:<10} open {}/{}  published {}/{}  delivered {} (+{}/s)",
+                "[{:>4.0}s] {phase:<10} open {}/{}  published {}/{planned}  delivered {} (+{}/s)",
                 self.start.elapsed().as_secs_f64(),
                 streams.open.load(Relaxed),
                 self.subscribers,
                 plan.published.load(Relaxed),
-                self.planned,
                 delivered,
                 delivered - last,
             );
@@ -163,14 +171,14 @@ async fn run(args: Args) -> Result<Report, String> {
         ..Report::default()
     };
     let plan = Arc::new(plan(&args, publishers)?);
-    report.planned = if args.idle_only { 0 } else { plan.planned };
+    report.churn = args.churn;
     report.rss_before_kib = server.and_then(|s| s.rss_kib());
 
     let progress = Arc::new(Progress {
         start: Instant::now(),
         phase: Mutex::new("opening"),
         subscribers: args.subscribers,
-        planned: report.planned,
+        idle_only: args.idle_only,
         quiet: args.quiet,
     });
     let (streams, mut opened) = Streams::new(
@@ -179,6 +187,7 @@ async fn run(args: Args) -> Result<Report, String> {
         publishers,
         args.connect_concurrency,
         args.connect_timeout,
+        args.reconnect_delay,
     );
     let printer = tokio::spawn(
         progress
@@ -220,6 +229,8 @@ async fn run(args: Args) -> Result<Report, String> {
     }
 
     let mut events_per_topic = vec![0u64; args.topics];
+    let mut failed = Vec::new();
+    let marks: Arc<Mutex<Vec<(f64, String)>>> = Default::default();
     if args.idle_only {
         progress.set("idle");
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
@@ -228,11 +239,26 @@ async fn run(args: Args) -> Result<Report, String> {
         let cpu_before = server.and_then(|s| s.cpu_secs());
         let own_before = procstat::own_cpu_secs(ticks);
         let start = Instant::now() + Duration::from_millis(10);
+        if args.churn {
+            read_marks(
+                plan.clone(),
+                start,
+                Duration::from_secs_f64(args.duration),
+                streams.epoch,
+                marks.clone(),
+            )?;
+            // Always printed: a script waits for it before its first restart.
+            eprintln!("churn: publishing");
+        } else {
+            plan.end_at(Duration::from_secs_f64(args.duration));
+        }
         let mut sent = publish(plan.clone(), start).await?;
+        report.planned = plan.planned();
         report.publish_s = start.elapsed().as_secs_f64();
         report.published = sent.published();
         report.publish_requests = sent.requests;
         report.publish_errors = report::ranked(sent.errors);
+        failed = sent.failed;
         sent.per_topic.resize(args.topics, 0);
         events_per_topic = sent.per_topic;
         report.expected_deliveries = open_per_topic
@@ -268,32 +294,101 @@ async fn run(args: Args) -> Result<Report, String> {
                 .map_err(|e| format!("a stream task failed: {e}"))?,
         );
     }
-    count_loss(&mut report, &outcomes, &events_per_topic);
+    count_loss(&mut report, &outcomes, &events_per_topic, &failed);
+    report.stream_end_reasons = report::ranked(streams.ends());
+    report.reconnect_failures = report::ranked(streams.reconnect_failures());
+    report.stream_gap_us = Latency::from_histogram(&streams.gaps());
+    let marks = marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    report.drains = report::Drain::windows(
+        &marks,
+        &streams.reconnect_times(),
+        args.drain_window.as_secs_f64(),
+    );
+    report.max_reconnect_peak_over_mean = report
+        .drains
+        .iter()
+        .map(report::Drain::ratio)
+        .fold(0.0, f64::max);
     printer.abort();
     Ok(report)
 }
 
-/// Adds up what the streams saw. A stream missed what was published on its
-/// topic and never arrived (with `--idle-only` nothing was published).
-fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64]) {
-    let mut ended = Vec::new();
+/// With --churn: reads marks from stdin on a thread of its own, each line
+/// stamped with the time it came (s since `epoch`); at the end of stdin,
+/// ends the publish phase `tail` later.
+fn read_marks(
+    plan: Arc<Plan>,
+    start: Instant,
+    tail: Duration,
+    epoch: std::time::Instant,
+    marks: Arc<Mutex<Vec<(f64, String)>>>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("churn-marks".into())
+        .spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                let at = epoch.elapsed().as_secs_f64();
+                let label = line.trim();
+                if !label.is_empty() {
+                    marks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((at, label.to_owned()));
+                }
+            }
+            plan.end_at(Instant::now().saturating_duration_since(start) + tail);
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the churn marks' reader: {e}"))
+}
+
+/// Adds up what the clients saw. A client lost what was published on its
+/// topic (a 2xx answer) and never arrived over all its streams; an event
+/// whose publish request failed and arrived anyway is counted apart (with
+/// --idle-only nothing was published).
+fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64], failed: &[u64]) {
+    let topics = events_per_topic.len().max(1) as u64;
+    let mut failed_by_topic = vec![Vec::new(); events_per_topic.len()];
+    for &s in failed {
+        failed_by_topic[(s % topics) as usize].push(s);
+    }
+    let mut fatal = Vec::new();
     for o in outcomes.iter().filter(|o| o.opened) {
         report.duplicated += o.counts.duplicated;
         report.out_of_order += o.counts.out_of_order;
         report.wrong_topic += o.counts.wrong_topic;
         report.foreign_data_lines += o.foreign;
-        let missing = events_per_topic[o.topic].saturating_sub(o.counts.unique);
+        report.holes_forgotten += o.counts.forgotten;
+        let unconfirmed = failed_by_topic[o.topic]
+            .iter()
+            .filter(|&&s| o.tracker.received(s))
+            .count() as u64;
+        report.delivered_unconfirmed += unconfirmed;
+        let confirmed = o.counts.unique.saturating_sub(unconfirmed);
+        let missing = events_per_topic[o.topic].saturating_sub(confirmed);
         report.missing += missing;
         if missing > 0 {
             report.streams_with_loss += 1;
             report.max_missing_per_stream = report.max_missing_per_stream.max(missing);
         }
-        if o.ended_early {
-            report.streams_ended += 1;
-            ended.extend(o.end_reason.iter().map(|why| (why.clone(), 1)));
+        if o.counts.duplicated > 0 {
+            report.streams_with_duplicates += 1;
+            report.max_duplicated_per_stream =
+                report.max_duplicated_per_stream.max(o.counts.duplicated);
+        }
+        report.streams_ended += o.ends;
+        report.reconnects += o.reconnects;
+        report.max_reconnects_per_stream = report.max_reconnects_per_stream.max(o.reconnects);
+        if o.reconnects > 0 {
+            report.streams_reconnected += 1;
+        }
+        if let Some(why) = &o.fatal {
+            fatal.push((why.clone(), 1));
         }
     }
-    report.stream_end_reasons = report::ranked(ended);
+    report.fatal = fatal.len() as u64;
+    report.fatal_reasons = report::ranked(fatal);
 }
 
 /// Runs the publishers on a thread and runtime of their own, so that their
@@ -365,12 +460,11 @@ fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
         body: Template::parse(&args.pub_body),
         content_type,
         rate: args.rate,
-        planned: args.planned(),
         size: args.size,
         topics: args.topics,
         publishers,
         batch: args.pub_batch,
-        duration: Duration::from_secs_f64(args.duration),
+        end_us: std::sync::atomic::AtomicU64::new(u64::MAX),
         grace: args.publish_grace,
         published: Default::default(),
     })

@@ -39,7 +39,9 @@ mod tests {
 
         let line = format!("data: {p}\n\n");
         let mut got = Vec::new();
-        Scanner::default().feed(line.as_bytes(), |s, m| got.push((s, m)));
+        Scanner::default()
+            .feed(line.as_bytes(), |s, m| got.push((s, m)))
+            .unwrap();
         assert_eq!(got, [(42, 1_700_000_000_123_456)]);
     }
 }

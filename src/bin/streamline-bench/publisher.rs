@@ -7,7 +7,8 @@
 //! (the subscriber side checks it). One that falls behind sends what is due
 //! back to back (or as one JSON array with `--pub-batch`) until it has caught
 //! up; what is still unsent `--publish-grace` after the end of the phase
-//! counts as not published.
+//! counts as not published. With `--churn` the end of the phase is known
+//! only once the churn is over ([`Plan::end_at`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,12 +78,13 @@ pub struct Plan {
     pub body: Template,
     pub content_type: String,
     pub rate: f64,
-    pub planned: u64,
     pub size: usize,
     pub topics: usize,
     pub publishers: usize,
     pub batch: usize,
-    pub duration: Duration,
+    /// When the phase ends, in µs after its start (`u64::MAX`: not known
+    /// yet; publish until it is).
+    pub end_us: AtomicU64,
     pub grace: Duration,
     /// Events accepted so far (for the progress line).
     pub published: AtomicU64,
@@ -96,7 +98,14 @@ pub struct Sent {
     pub requests: u64,
     /// Events whose request failed, by reason.
     pub errors: HashMap<String, u64>,
+    /// The sequence numbers of those events (at most [`MAX_FAILED`]): a
+    /// failed request may still have published them, so a stream that
+    /// receives one has not received something unplanned.
+    pub failed: Vec<u64>,
 }
+
+/// Most failed sequence numbers remembered.
+pub const MAX_FAILED: usize = 1 << 20;
 
 impl Sent {
     pub fn published(&self) -> u64 {
@@ -114,12 +123,36 @@ impl Sent {
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
         }
+        let room = MAX_FAILED.saturating_sub(self.failed.len());
+        self.failed.extend(o.failed.into_iter().take(room));
     }
 }
 
 impl Plan {
     fn due(&self, start: Instant, seq: u64) -> Instant {
         start + Duration::from_secs_f64(seq as f64 / self.rate)
+    }
+
+    /// Ends the phase `after` its start.
+    pub fn end_at(&self, after: Duration) {
+        self.end_us.store(after.as_micros() as u64, Relaxed);
+    }
+
+    /// Events the phase plans to send (`u64::MAX` while its end is not
+    /// known).
+    pub fn planned(&self) -> u64 {
+        match self.end_us.load(Relaxed) {
+            u64::MAX => u64::MAX,
+            us => (self.rate * us as f64 / 1e6).floor() as u64,
+        }
+    }
+
+    /// When a publisher that fell behind stops trying.
+    fn give_up(&self, start: Instant) -> Option<Instant> {
+        match self.end_us.load(Relaxed) {
+            u64::MAX => None,
+            us => Some(start + Duration::from_micros(us) + self.grace),
+        }
     }
 }
 
@@ -143,19 +176,18 @@ pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
         }
     };
     let stride = plan.publishers as u64;
-    let give_up = start + plan.duration + plan.grace;
     let mut seq = lane as u64;
     let mut batch = Vec::with_capacity(plan.batch);
     let mut url = String::new();
     let mut body = String::new();
-    while seq < plan.planned {
+    while seq < plan.planned() {
         tokio::time::sleep_until(plan.due(start, seq)).await;
         let now = Instant::now();
-        if now > give_up {
+        if plan.give_up(start).is_some_and(|at| now > at) {
             break;
         }
         batch.clear();
-        while batch.len() < plan.batch && seq < plan.planned && plan.due(start, seq) <= now {
+        while batch.len() < plan.batch && seq < plan.planned() && plan.due(start, seq) <= now {
             batch.push(seq);
             seq += stride;
         }
@@ -206,7 +238,11 @@ pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
                 }
                 plan.published.fetch_add(batch.len() as u64, Relaxed);
             }
-            Err(why) => *sent.errors.entry(why).or_default() += batch.len() as u64,
+            Err(why) => {
+                *sent.errors.entry(why).or_default() += batch.len() as u64;
+                let room = MAX_FAILED.saturating_sub(sent.failed.len());
+                sent.failed.extend(batch.iter().take(room));
+            }
         }
     }
     sent

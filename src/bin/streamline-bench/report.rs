@@ -42,16 +42,46 @@ pub struct Report {
     /// `delivered` over the time from the first publish until the last
     /// delivery was seen.
     pub deliveries_per_s: f64,
+    /// Published events (2xx) a client never received, summed over
+    /// clients, across all of each client's reconnects.
     pub missing: u64,
+    /// Events a client received more than once.
     pub duplicated: u64,
     pub out_of_order: u64,
     pub wrong_topic: u64,
     /// Streams that missed at least one event.
     pub streams_with_loss: u64,
     pub max_missing_per_stream: u64,
-    /// Streams the server ended (or that failed) while the bench ran.
+    pub streams_with_duplicates: u64,
+    pub max_duplicated_per_stream: u64,
+    /// Deliveries of events whose publish request failed (the outcome of a
+    /// failed request is unknown: neither lost nor extra).
+    pub delivered_unconfirmed: u64,
+    /// Holes a client stopped tracking (more than it keeps; counted lost).
+    pub holes_forgotten: u64,
+    /// Times a stream ended while the bench ran (each is followed by a
+    /// reconnect), by reason.
     pub streams_ended: u64,
     pub stream_end_reasons: Vec<(String, u64)>,
+    /// Reconnects attempted, by all clients; the most by one; clients that
+    /// reconnected at least once; attempts that failed with a network error
+    /// (retried), by reason.
+    pub reconnects: u64,
+    pub max_reconnects_per_stream: u64,
+    pub streams_reconnected: u64,
+    pub reconnect_failures: Vec<(String, u64)>,
+    /// Clients that gave up for good: a reconnect answered other than
+    /// `200 text/event-stream`, as a browser's `EventSource` would.
+    pub fatal: u64,
+    pub fatal_reasons: Vec<(String, u64)>,
+    /// Time without a stream, from a stream's end to the next stream's
+    /// response head, over all such gaps, µs.
+    pub stream_gap_us: Latency,
+    /// With --churn: one entry per restart.
+    pub churn: bool,
+    pub drains: Vec<Drain>,
+    /// The highest peak/mean of `drains`.
+    pub max_reconnect_peak_over_mean: f64,
     /// Data lines that were not bench events (server notices).
     pub foreign_data_lines: u64,
 
@@ -68,6 +98,80 @@ pub struct Report {
     pub server_cpu_s: Option<f64>,
     /// This tool's own CPU seconds over the same span.
     pub bench_cpu_s: f64,
+}
+
+/// One restart of a rolling restart (--churn) and the reconnects that
+/// followed it, up to the next restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Drain {
+    /// The mark's text (the line read on stdin).
+    pub label: String,
+    /// When the mark came, s after the bench started.
+    pub at_s: f64,
+    pub reconnects: u64,
+    /// From the mark to the first and to the last reconnect, s.
+    pub first_s: f64,
+    pub last_s: f64,
+    /// Most reconnects in any one-second span.
+    pub peak_per_s: u64,
+    /// Reconnects over --drain-window.
+    pub mean_per_s: f64,
+}
+
+impl Drain {
+    /// Builds the windows: `marks` (s since start, label) in order, and the
+    /// reconnects (when the stream ended, when the reconnect was made; ms
+    /// since start). A reconnect belongs to the window in which its stream
+    /// ended (it may be made after the next mark); one whose stream ended
+    /// before the first mark belongs to none.
+    pub fn windows(
+        marks: &[(f64, String)],
+        reconnects_ms: &[(u32, u32)],
+        window: f64,
+    ) -> Vec<Drain> {
+        let mut out = Vec::new();
+        for (k, (at, label)) in marks.iter().enumerate() {
+            let from = (at * 1000.0) as u32;
+            let to = marks
+                .get(k + 1)
+                .map_or(u32::MAX, |(next, _)| (next * 1000.0) as u32);
+            let mut times: Vec<u32> = reconnects_ms
+                .iter()
+                .filter(|(ended, _)| (from..to).contains(ended))
+                .map(|&(_, made)| made)
+                .collect();
+            times.sort_unstable();
+            // Most reconnects in a span [t, t + 1 s) starting at one of them.
+            let mut peak = 0;
+            let mut j = 0;
+            for (i, &t) in times.iter().enumerate() {
+                while times[j] + 1000 <= t {
+                    j += 1;
+                }
+                peak = peak.max(i + 1 - j);
+            }
+            out.push(Drain {
+                label: label.clone(),
+                at_s: *at,
+                reconnects: times.len() as u64,
+                first_s: times.first().map_or(0.0, |&t| t as f64 / 1000.0 - at),
+                last_s: times.last().map_or(0.0, |&t| t as f64 / 1000.0 - at),
+                peak_per_s: peak as u64,
+                mean_per_s: times.len() as f64 / window,
+            });
+        }
+        out
+    }
+
+    /// Peak over mean (0 without reconnects).
+    pub fn ratio(&self) -> f64 {
+        if self.reconnects == 0 {
+            0.0
+        } else {
+            self.peak_per_s as f64 / self.mean_per_s
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -193,14 +297,17 @@ impl Report {
                     "loss",
                     format!(
                         "{} missing ({}), {} duplicated, {} out of order, {} wrong topic; \
-                         {} streams lost events (at most {} each)",
+                         {} streams lost events (at most {} each), {} got duplicates \
+                         (at most {} each)",
                         self.missing,
                         pct(self.missing, self.expected_deliveries),
                         self.duplicated,
                         self.out_of_order,
                         self.wrong_topic,
                         self.streams_with_loss,
-                        self.max_missing_per_stream
+                        self.max_missing_per_stream,
+                        self.streams_with_duplicates,
+                        self.max_duplicated_per_stream
                     ),
                 ),
                 (
@@ -220,9 +327,66 @@ impl Report {
                 ),
             ]);
         }
+        if self.delivered_unconfirmed + self.holes_forgotten > 0 {
+            rows.push((
+                "  uncertain",
+                format!(
+                    "{} deliveries of events whose publish failed; {} lost events \
+                     in holes no longer tracked",
+                    self.delivered_unconfirmed, self.holes_forgotten
+                ),
+            ));
+        }
         rows.push(("streams ended early", format!("{}", self.streams_ended)));
         for (why, n) in self.stream_end_reasons.iter().take(5) {
             rows.push(("  ended", format!("{n} × {why}")));
+        }
+        rows.push((
+            "reconnects",
+            format!(
+                "{} by {} streams (at most {} each); time without a stream: {}",
+                self.reconnects,
+                self.streams_reconnected,
+                self.max_reconnects_per_stream,
+                if self.stream_gap_us.count == 0 {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "p50 {}  p99 {}  max {}",
+                        us(self.stream_gap_us.p50),
+                        us(self.stream_gap_us.p99),
+                        us(self.stream_gap_us.max)
+                    )
+                }
+            ),
+        ));
+        for (why, n) in self.reconnect_failures.iter().take(5) {
+            rows.push(("  retried", format!("{n} × {why}")));
+        }
+        rows.push(("fatal", format!("{} streams gave up", self.fatal)));
+        for (why, n) in self.fatal_reasons.iter().take(5) {
+            rows.push(("  gave up", format!("{n} × {why}")));
+        }
+        let drains: Vec<String> = self
+            .drains
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} at {:.1} s: {} reconnects from +{:.1} to +{:.1} s, \
+                     peak {}/s, mean {:.0}/s (peak/mean {:.2})",
+                    d.label,
+                    d.at_s,
+                    d.reconnects,
+                    d.first_s,
+                    d.last_s,
+                    d.peak_per_s,
+                    d.mean_per_s,
+                    d.ratio()
+                )
+            })
+            .collect();
+        for d in &drains {
+            rows.push(("drain", d.clone()));
         }
         if let Some(pid) = self.server_pid {
             rows.extend([
@@ -325,4 +489,29 @@ pub fn compare(reports: &[Report]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_windows_peak_and_mean() {
+        let marks = vec![(1.0, "restart a".to_owned()), (4.0, "restart b".to_owned())];
+        // Before the first mark: no window. Then 30 reconnects spread over
+        // 3 s (the last made after the next mark: still the first window's);
+        // then 30 at once.
+        let mut times: Vec<(u32, u32)> = vec![(400, 500)];
+        times.extend((0..30).map(|i| (1000 + i * 100, 3000 + i * 100)));
+        times.extend(std::iter::repeat_n((11_000, 12_000), 30));
+        let d = Drain::windows(&marks, &times, 3.0);
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].reconnects, d[0].peak_per_s), (30, 10));
+        assert_eq!(d[0].mean_per_s, 10.0);
+        assert_eq!(d[0].ratio(), 1.0);
+        assert!((d[0].first_s - 2.0).abs() < 1e-9 && (d[0].last_s - 4.9).abs() < 1e-9);
+        assert_eq!((d[1].reconnects, d[1].peak_per_s), (30, 30));
+        assert_eq!(d[1].ratio(), 3.0);
+        assert_eq!(Drain::windows(&marks[..1], &[], 3.0)[0].ratio(), 0.0);
+    }
 }

@@ -12,6 +12,8 @@
 pub struct Head {
     pub status: u16,
     pub chunked: bool,
+    /// `Content-Type: text/event-stream` (parameters allowed).
+    pub event_stream: bool,
     /// Length of the head, blank line included: the body starts here.
     pub len: usize,
 }
@@ -40,15 +42,22 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value.to_ascii_lowercase().contains("chunked")
-        })
-    });
+    let (mut chunked, mut event_stream) = (false, false);
+    for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+        let (name, value) = (name.trim(), value.trim().to_ascii_lowercase());
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked |= value.contains("chunked");
+        } else if name.eq_ignore_ascii_case("content-type") {
+            event_stream = value
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim() == "text/event-stream");
+        }
+    }
     Ok(Some(Head {
         status,
         chunked,
+        event_stream,
         len: end + 4,
     }))
 }
@@ -168,66 +177,186 @@ fn end_of_size(value: u64) -> Chunk {
     }
 }
 
-/// Finds the bench's events in an event stream: the first `<seq>
-/// <unix-micros>` in a `data:` line. The payload may stand alone
-/// (`data: 7 1700000000000000 xxx`) or sit inside what the server made of
-/// it: a JSON string (`data: "7 1700… xxx"`) or a JSON object wrapping the
-/// published event. Any other line is skipped.
+/// Longest `id:` value kept (the gateway's ids are a few dozen bytes).
+pub const MAX_ID: usize = 1024;
+
+/// Reads an event stream as `EventSource` does, as far as the bench needs:
+/// finds the bench's events, the first `<seq> <unix-micros>` in a `data:`
+/// line, and hands each over when its event is dispatched (the blank line
+/// that ends it: an event cut off by a lost connection does not count, as
+/// in a browser); keeps the last event id (`id:`, committed at dispatch,
+/// resent as `Last-Event-ID` on reconnect) and the reconnection delay
+/// (`retry:`).
+///
+/// The payload may stand alone (`data: 7 1700000000000000 xxx`) or sit
+/// inside what the server made of it: a JSON string (`data: "7 1700… xxx"`)
+/// or a JSON object wrapping the published event. Other fields and data
+/// lines without a bench event (a server's notices) are skipped.
 #[derive(Debug, Clone, Default)]
 pub struct Scanner {
     state: Line,
+    name: [u8; 8],
+    name_len: u8,
     seq: u64,
     micros: u64,
     digits: u8,
+    /// The bench event of the event being read, until its blank line.
+    pending: Option<(u64, u64)>,
+    /// The last `id:` value read, and whether it is newer than `last_id`.
+    id_buf: Vec<u8>,
+    id_dirty: bool,
+    /// The last event id string: what a reconnect sends as `Last-Event-ID`.
+    pub last_id: Vec<u8>,
+    retry_value: u64,
+    retry_ok: bool,
+    /// The reconnection delay the server asked for, in milliseconds.
+    pub retry_ms: Option<u64>,
     /// Data lines without a bench event (a server's notices, say).
     pub foreign: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 enum Line {
-    /// At the start of a line, having matched this many bytes of `data:`.
+    /// At the start of a line.
     #[default]
     Start,
-    Prefix(u8),
+    /// After a CR at the start of a line (a CRLF blank line).
+    StartCr,
+    /// Reading a field name.
+    Name,
     /// In a data line, looking for the first digit of a sequence number.
     Seek,
     Seq,
     Micros,
+    /// In an `id:` value (`first`: a leading space is still to be dropped).
+    Id {
+        first: bool,
+    },
+    /// In a `retry:` value.
+    Retry {
+        first: bool,
+    },
     /// Skipping to the end of the line.
     Skip,
 }
 
-const DATA: &[u8] = b"data:";
 /// Fewer digits than this cannot be a Unix time in microseconds (1970 plus
 /// three hours); it keeps stray numbers from passing for an event.
 const MIN_MICROS_DIGITS: u8 = 10;
 
 impl Scanner {
+    /// Starts reading a new connection's body: what was half read is
+    /// dropped; the last event id and the reconnection delay are kept.
+    pub fn reconnected(&mut self) {
+        self.state = Line::Start;
+        self.pending = None;
+        self.id_dirty = false;
+    }
+
     /// Feeds a run of body bytes; calls `event(seq, sent_micros)` for each
-    /// bench event found.
-    pub fn feed(&mut self, input: &[u8], mut event: impl FnMut(u64, u64)) {
+    /// bench event dispatched. Fails on an `id:` longer than [`MAX_ID`].
+    pub fn feed(&mut self, input: &[u8], mut event: impl FnMut(u64, u64)) -> Result<(), String> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
             match self.state {
-                Line::Start | Line::Prefix(_) => {
-                    let matched = match self.state {
-                        Line::Prefix(m) => m as usize,
-                        _ => 0,
-                    };
-                    if b == DATA[matched] {
-                        self.state = if matched + 1 == DATA.len() {
-                            Line::Seek
-                        } else {
-                            Line::Prefix(matched as u8 + 1)
-                        };
+                Line::Start => match b {
+                    b'\n' => {
+                        self.dispatch(&mut event);
                         i += 1;
-                    } else if b == b'\n' {
-                        self.state = Line::Start;
-                        i += 1;
-                    } else {
-                        self.state = Line::Skip;
                     }
+                    b'\r' => {
+                        self.state = Line::StartCr;
+                        i += 1;
+                    }
+                    b':' => self.state = Line::Skip,
+                    _ => {
+                        self.name_len = 0;
+                        self.state = Line::Name;
+                    }
+                },
+                Line::StartCr => {
+                    if b == b'\n' {
+                        self.dispatch(&mut event);
+                        i += 1;
+                    }
+                    self.state = Line::Start;
+                }
+                Line::Name => {
+                    match b {
+                        b':' => {
+                            self.state = match &self.name[..self.name_len as usize] {
+                                b"data" => Line::Seek,
+                                b"id" => {
+                                    self.id_buf.clear();
+                                    Line::Id { first: true }
+                                }
+                                b"retry" => {
+                                    self.retry_value = 0;
+                                    self.retry_ok = true;
+                                    self.digits = 0;
+                                    Line::Retry { first: true }
+                                }
+                                _ => Line::Skip,
+                            }
+                        }
+                        // A field without a value: nothing the bench uses.
+                        b'\n' => self.state = Line::Start,
+                        _ if (self.name_len as usize) < self.name.len() => {
+                            self.name[self.name_len as usize] = b;
+                            self.name_len += 1;
+                        }
+                        _ => self.state = Line::Skip,
+                    }
+                    i += 1;
+                }
+                Line::Id { first } => {
+                    let rest = &input[i..];
+                    let end = rest.iter().position(|&b| b == b'\n');
+                    let mut value = &rest[..end.unwrap_or(rest.len())];
+                    if first && !value.is_empty() {
+                        value = value.strip_prefix(b" ").unwrap_or(value);
+                        self.state = Line::Id { first: false };
+                    }
+                    if self.id_buf.len() + value.len() > MAX_ID {
+                        return Err(format!("an id: longer than {MAX_ID} bytes"));
+                    }
+                    self.id_buf.extend_from_slice(value);
+                    match end {
+                        Some(p) => {
+                            if self.id_buf.last() == Some(&b'\r') {
+                                self.id_buf.pop();
+                            }
+                            self.id_dirty = true;
+                            self.state = Line::Start;
+                            i += p + 1;
+                        }
+                        None => i = input.len(),
+                    }
+                }
+                Line::Retry { first } => {
+                    match b {
+                        b' ' if first => {}
+                        b'0'..=b'9' => {
+                            self.digits = self.digits.saturating_add(1);
+                            self.retry_value = self
+                                .retry_value
+                                .saturating_mul(10)
+                                .saturating_add((b - b'0') as u64);
+                        }
+                        b'\r' => {}
+                        b'\n' => {
+                            if self.retry_ok && self.digits > 0 {
+                                self.retry_ms = Some(self.retry_value);
+                            }
+                            self.state = Line::Start;
+                            i += 1;
+                            continue;
+                        }
+                        _ => self.retry_ok = false,
+                    }
+                    self.state = Line::Retry { first: false };
+                    i += 1;
                 }
                 Line::Seek => {
                     match input[i..]
@@ -271,7 +400,9 @@ impl Scanner {
                     b' ' | b'"' | b'\r' | b'\n' | b',' | b'}'
                         if self.digits >= MIN_MICROS_DIGITS =>
                     {
-                        event(self.seq, self.micros);
+                        if self.pending.is_none() {
+                            self.pending = Some((self.seq, self.micros));
+                        }
                         self.state = Line::Skip;
                     }
                     _ => self.state = Line::Seek,
@@ -285,6 +416,21 @@ impl Scanner {
                 },
             }
         }
+        Ok(())
+    }
+
+    /// The blank line that ends an event: the id read becomes the last
+    /// event id, and the event's bench payload (if any) is handed over.
+    fn dispatch(&mut self, event: &mut impl FnMut(u64, u64)) {
+        if self.id_dirty {
+            // The buffer's old contents are never read: it is cleared at
+            // the next `id:`, and committed only after one.
+            std::mem::swap(&mut self.last_id, &mut self.id_buf);
+            self.id_dirty = false;
+        }
+        if let Some((seq, micros)) = self.pending.take() {
+            event(seq, micros);
+        }
     }
 }
 
@@ -292,35 +438,64 @@ impl Scanner {
 mod tests {
     use super::*;
 
-    fn scan_all(parts: &[&[u8]]) -> (Vec<(u64, u64)>, u64) {
+    /// Events, foreign lines, last id and retry after feeding `parts`.
+    fn scan_all(parts: &[&[u8]]) -> (Vec<(u64, u64)>, u64, String, Option<u64>) {
         let mut s = Scanner::default();
         let mut got = Vec::new();
         for p in parts {
-            s.feed(p, |a, b| got.push((a, b)));
+            s.feed(p, |a, b| got.push((a, b))).unwrap();
         }
-        (got, s.foreign)
+        let id = String::from_utf8(s.last_id.clone()).unwrap();
+        (got, s.foreign, id, s.retry_ms)
     }
 
     const STREAM: &[u8] = b"retry: 2000\n: client x\n\nid: a:1\ndata: 7 1700000000000001 xxxx\n\n\
         event: streamline.close\ndata: {\"reason\":\"slow\"}\n\n:\n\ndata:8 1700000000000002\n\n\
-        data: \"9 1700000000000003 xx\"\r\n\r\ndata: 10\n\ndata: 11 17 x\n\n\
-        data: {\"topic\": \"bench-0\", \"data\": \"12 1700000000000004 xx\"}\n\n";
+        id:a:2\r\ndata: \"9 1700000000000003 xx\"\r\n\r\ndata: 10\n\ndata: 11 17 x\n\n\
+        data: {\"topic\": \"bench-0\", \"data\": \"12 1700000000000004 xx\"}\n\nretry: 2x\n\n";
 
     #[test]
-    fn finds_events_in_any_split() {
-        let want = vec![
+    fn finds_events_ids_and_retry_in_any_split() {
+        let events = vec![
             (7, 1_700_000_000_000_001),
             (8, 1_700_000_000_000_002),
             (9, 1_700_000_000_000_003),
             (12, 1_700_000_000_000_004),
         ];
-        assert_eq!(scan_all(&[STREAM]), (want.clone(), 3));
+        let want = (events, 3, "a:2".to_owned(), Some(2000));
+        assert_eq!(scan_all(&[STREAM]), want);
         for cut in 0..STREAM.len() {
             let (a, b) = STREAM.split_at(cut);
-            assert_eq!(scan_all(&[a, b]), (want.clone(), 3), "cut at {cut}");
+            assert_eq!(scan_all(&[a, b]), want, "cut at {cut}");
         }
         let bytes: Vec<&[u8]> = STREAM.chunks(1).collect();
-        assert_eq!(scan_all(&bytes), (want, 3));
+        assert_eq!(scan_all(&bytes), want);
+    }
+
+    #[test]
+    fn an_event_cut_off_is_not_dispatched() {
+        let mut s = Scanner::default();
+        let mut got = Vec::new();
+        let wire = b"id: t:1\ndata: 1 1700000000000001\n\nid: t:2\ndata: 2 1700000000000002\n";
+        s.feed(wire, |a, _| got.push(a)).unwrap();
+        assert_eq!(
+            (got.as_slice(), s.last_id.as_slice()),
+            (&[1][..], &b"t:1"[..])
+        );
+        // The connection is lost; the next one replays event 2.
+        s.reconnected();
+        s.feed(
+            b"retry: 50\n\nid: t:2\ndata: 2 1700000000000002\n\n",
+            |a, _| got.push(a),
+        )
+        .unwrap();
+        assert_eq!(got, [1, 2]);
+        assert_eq!((s.last_id.as_slice(), s.retry_ms), (&b"t:2"[..], Some(50)));
+        // An empty id clears the last id.
+        s.feed(b"id\nid:\n\n", |_, _| {}).unwrap();
+        assert!(s.last_id.is_empty());
+        let long = format!("id: {}\n", "x".repeat(MAX_ID + 1));
+        assert!(s.feed(long.as_bytes(), |_, _| {}).is_err());
     }
 
     #[test]
@@ -329,13 +504,23 @@ mod tests {
         assert_eq!(parse_head(&raw[..20]).unwrap(), None);
         let h = parse_head(raw).unwrap().unwrap();
         assert_eq!(
-            (h.status, h.chunked, &raw[h.len..]),
-            (200, true, &b"rest"[..])
+            (h.status, h.chunked, h.event_stream, &raw[h.len..]),
+            (200, true, true, &b"rest"[..])
         );
         let h = parse_head(b"HTTP/1.0 503 Service Unavailable\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!((h.status, h.chunked), (503, false));
+        assert_eq!((h.status, h.chunked, h.event_stream), (503, false, false));
+        let h = parse_head(
+            b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; charset=utf-8\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.event_stream);
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.event_stream);
         assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
     }
 
@@ -361,7 +546,9 @@ mod tests {
         let mut got = Vec::new();
         let wire = b"9\r\ndata: 3 1\r\n14\r\n700000000000000 xx\n\n\r\n";
         let done = d
-            .feed(wire, |part| s.feed(part, |a, b| got.push((a, b))))
+            .feed(wire, |part| {
+                s.feed(part, |a, b| got.push((a, b))).unwrap();
+            })
             .unwrap();
         assert!(!done);
         assert_eq!(got, [(3, 1_700_000_000_000_000)]);

@@ -80,14 +80,23 @@ impl Target {
         })
     }
 
-    /// The request stream `i` sends for `topic`.
-    pub fn request(&self, topic: &str) -> String {
+    /// The request a stream sends for `topic`: with `Last-Event-ID` when
+    /// `last_id` is not empty (a reconnect, as `EventSource` sends it).
+    pub fn request(&self, topic: &str, last_id: &[u8]) -> Vec<u8> {
         let path = self.path.replace("{topic}", topic);
-        format!(
+        let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\
-             Cache-Control: no-cache\r\nUser-Agent: streamline-bench\r\n\r\n",
+             Cache-Control: no-cache\r\nUser-Agent: streamline-bench\r\n",
             self.authority
         )
+        .into_bytes();
+        if !last_id.is_empty() {
+            req.extend_from_slice(b"Last-Event-ID: ");
+            req.extend_from_slice(last_id);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        req
     }
 
     /// The source address for stream `i`, if streams are spread.
@@ -106,9 +115,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(t.addr, "127.0.0.1:9".parse().unwrap());
-        assert!(t.request("bench-1").starts_with(
-            "GET /stream?topic=bench-1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAccept: text/event-stream\r\n"
+        let req = t.request("bench-1", b"");
+        assert!(req.starts_with(
+            b"GET /stream?topic=bench-1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAccept: text/event-stream\r\n"
         ));
+        assert!(req.ends_with(b"streamline-bench\r\n\r\n"));
+        let req = t.request("bench-1", b"bench-1:5-0");
+        assert!(req.ends_with(b"\r\nLast-Event-ID: bench-1:5-0\r\n\r\n"));
         assert_eq!(t.source(4), Some("127.0.0.2".parse().unwrap()));
         let t = Target::resolve("http://127.0.0.1:9/s", 0, 60_000)
             .await
