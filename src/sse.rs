@@ -177,6 +177,10 @@ pub enum GapReason {
     UnknownOrigin,
     /// The client fell too far behind and skipped ahead (`skip` policy).
     Slow,
+    /// The bus's log behind the topic started again (a Kafka topic deleted
+    /// and created again, or a broker that lost it): ids restart lower, and
+    /// the stream goes on from the start of the new log.
+    Reset,
 }
 
 /// Why the gateway ended a stream: the body of a [`CLOSE_EVENT`].

@@ -865,7 +865,8 @@ fn protocol_lists_every_notice_reason_and_policy() {
             GapReason::Expired
             | GapReason::Unknown
             | GapReason::UnknownOrigin
-            | GapReason::Slow => {}
+            | GapReason::Slow
+            | GapReason::Reset => {}
         }
     }
     fn _close(r: CloseReason) {
@@ -893,6 +894,7 @@ fn protocol_lists_every_notice_reason_and_policy() {
         GapReason::Unknown,
         GapReason::UnknownOrigin,
         GapReason::Slow,
+        GapReason::Reset,
     ];
     assert_eq!(
         reasons("### `streamline.gap`"),

@@ -56,6 +56,9 @@ pub enum CatchUp {
     Trimmed(Position),
     /// The bus cannot be read now; the client should retry later.
     Failed(String),
+    /// The resume point lies beyond the end of the bus's log: the log
+    /// started again since the client saw it (see [`Bus::probe`]).
+    Reset,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -138,7 +141,17 @@ pub trait Bus: Send + Sync + 'static {
     /// the receiver is dropped.
     fn catch_up(&self, ring: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp>;
 
-    /// Whether the bus answers now.
+    /// For a resume point beyond the newest position of the ring keyed
+    /// `ring`: checks whether it also lies beyond the end of the bus's log
+    /// (which then started again since the client saw it). The receiver
+    /// gets [`CatchUp::Reset`] if so, and closes otherwise or when the bus
+    /// cannot tell. `None`: the bus cannot restart a log (the point is
+    /// just one this replica has not reached yet).
+    fn probe(&self, _ring: &str, _pos: Position) -> Option<mpsc::Receiver<CatchUp>> {
+        None
+    }
+
+    /// Whether the bus answers now and would accept a publish.
     fn is_up(&self) -> bool;
 
     /// History readers ([`Bus::catch_up`]) running now, for `/metrics`.

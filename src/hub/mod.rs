@@ -371,6 +371,21 @@ impl Hub {
         Ok(ring.head().1)
     }
 
+    /// For buses: the log behind the ring keyed `ring` started again (a
+    /// Kafka topic re-created, or a broker that lost it), so its positions
+    /// restart below the ring's: the ring forgets its events and starts
+    /// again after `start`; its streams get a gap notice (reason `reset`)
+    /// and go on with the new log. False when there is no such ring.
+    pub fn reset_ring(&self, ring: &str, start: Position) -> bool {
+        match self.get_topic(ring) {
+            Some(t) => {
+                t.reset(start);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The newest position of the ring keyed `ring`, if it exists.
     pub fn ring_head(&self, ring: &str) -> Option<Position> {
         Some(self.get_topic(ring)?.head().1)

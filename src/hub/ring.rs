@@ -83,6 +83,10 @@ struct Ring {
     /// a resume point before it may have missed events.
     floor_pos: Position,
     published: u64,
+    /// The ordinal after which the bus's log last started again, and the
+    /// position it started after (see [`Topic::reset`]).
+    reset_at: u64,
+    reset_pos: Position,
     /// Cost of the events older than the newest `history` (kept only while
     /// pinned): `events[..len - history]`.
     extra_bytes: usize,
@@ -180,6 +184,9 @@ pub struct Topic {
     pin: AtomicU64,
     ring: RwLock<Ring>,
     subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
+    /// How many times the ring was reset: streams compare it with the count
+    /// they last saw, without taking the ring's lock.
+    resets: AtomicU64,
 }
 
 impl Topic {
@@ -204,9 +211,12 @@ impl Topic {
                 head_pos: start,
                 floor_pos: start,
                 published: 0,
+                reset_at: 0,
+                reset_pos: start,
                 extra_bytes: 0,
             }),
             subscribers: Mutex::new(Slab::new()),
+            resets: AtomicU64::new(0),
         }
     }
 
@@ -256,6 +266,41 @@ impl Topic {
         ring.published += 1;
         ring.evict(bounds, now, self.pin.load(Relaxed));
         Some((ring.head(), pos))
+    }
+
+    /// Starts the ring again after `start`, forgetting every event: the bus's
+    /// log behind it restarted (a Kafka topic re-created, or a broker that
+    /// lost it), so its positions start again below the ring's. Ordinals go
+    /// on; each subscriber learns it from [`Topic::resets`] and continues
+    /// from [`Topic::reset_point`]. Wakes them.
+    pub fn reset(&self, start: Position) {
+        {
+            let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+            let head = ring.head();
+            ring.events.clear();
+            ring.extra_bytes = 0;
+            ring.first = head + 1;
+            ring.head_pos = start;
+            ring.floor_pos = start;
+            ring.reset_at = head;
+            ring.reset_pos = start;
+            self.resets.fetch_add(1, Relaxed);
+        }
+        self.notify();
+    }
+
+    /// How many times the ring was reset.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Relaxed)
+    }
+
+    /// Where a subscriber goes on after a reset: the reset count, the
+    /// ordinal after which the new log's events are, and its position.
+    pub fn reset_point(&self) -> (u64, u64, Position) {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock, so it matches `reset_at`.
+        let resets = self.resets.load(Relaxed);
+        (resets, ring.reset_at, ring.reset_pos)
     }
 
     /// Drops expired events; true when the topic is empty and unsubscribed,

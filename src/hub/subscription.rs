@@ -40,8 +40,13 @@ struct Sub {
     /// With a bus: the client has seen up to here, further than this
     /// replica's ring has got; ring events up to it are skipped.
     skip_upto: Option<Position>,
-    /// With a bus: reading history older than the ring back from the bus.
+    /// With a bus: reading history older than the ring back from the bus
+    /// (or checking whether the bus's log was reset, [`Bus::probe`]).
+    ///
+    /// [`Bus::probe`]: crate::backend::Bus::probe
     catch_up: Option<CatchUpReader>,
+    /// The ring's reset count this stream has caught up with.
+    resets: u64,
 }
 
 struct CatchUpReader {
@@ -133,12 +138,14 @@ impl Subscription {
             for topic in found {
                 let index = subs.len();
                 let (head, head_pos) = topic.head();
+                let resets = topic.resets();
                 let mut s = Sub {
                     topic,
                     key: 0,
                     last: head_pos,
                     skip_upto: None,
                     catch_up: None,
+                    resets,
                 };
                 let mut ordinal = head;
                 // A partition's entry is the one with its `hi`; a partition
@@ -169,7 +176,15 @@ impl Subscription {
                             }
                         },
                         Resume::Unknown => match &bus {
-                            Some(_) => (s.last, s.skip_upto) = (pos, Some(pos)),
+                            Some(bus) => {
+                                // Not reached here yet — or from before the
+                                // bus's log started again: the bus can tell.
+                                (s.last, s.skip_upto) = (pos, Some(pos));
+                                if let Some(rx) = bus.probe(s.topic.key(), pos) {
+                                    s.catch_up = Some(CatchUpReader::new(rx));
+                                    ordinal = CATCHING_UP;
+                                }
+                            }
                             None => gaps.push((index, GapReason::Unknown)),
                         },
                     },
@@ -293,6 +308,10 @@ impl Subscription {
     }
 
     fn step(&mut self, i: usize, cx: &mut Context<'_>) -> Step {
+        if self.subs[i].topic.resets() != self.subs[i].resets {
+            self.after_reset(i);
+            return Step::Nothing;
+        }
         let max_lag = self.hub.config.max_lag;
         let in_memory = self.hub.bus().is_none();
         loop {
@@ -406,6 +425,11 @@ impl Subscription {
                     self.skip_expired(i);
                     return Some(Step::Nothing);
                 }
+                Poll::Ready(Some(CatchUp::Reset)) => {
+                    sub.catch_up = None;
+                    self.resume_new_log(i);
+                    return Some(Step::Nothing);
+                }
                 Poll::Ready(Some(CatchUp::Failed(reason))) => {
                     tracing::warn!(client = %self.client.id(), %reason, "catch-up failed; closing the stream");
                     self.client.close(CloseReason::Unavailable);
@@ -434,6 +458,50 @@ impl Subscription {
                         return None;
                     }
                 },
+            }
+        }
+    }
+
+    /// The ring was reset under the stream: a gap notice (reason `reset`),
+    /// then the new log's events from the ring.
+    fn after_reset(&mut self, i: usize) {
+        let (resets, ordinal, start) = self.subs[i].topic.reset_point();
+        self.client.set_cursor(i, ordinal);
+        let sub = &mut self.subs[i];
+        sub.resets = resets;
+        sub.catch_up = None;
+        sub.skip_upto = None;
+        sub.last = start;
+        let id = self.cursor_id();
+        let name = self.subs[i].topic.name().clone();
+        self.pending
+            .push_back(sse::gap_notice(&id, &name, GapReason::Reset));
+    }
+
+    /// The stream's resume point is from before the bus's log started
+    /// again: a gap notice (reason `reset`), then the new log from its
+    /// start — from the ring, or read back from the bus first.
+    fn resume_new_log(&mut self, i: usize) {
+        let start = Position::new(self.subs[i].last.hi, 0);
+        self.subs[i].last = start;
+        self.subs[i].skip_upto = None;
+        let id = self.cursor_id();
+        let name = self.subs[i].topic.name().clone();
+        self.pending
+            .push_back(sse::gap_notice(&id, &name, GapReason::Reset));
+        let sub = &mut self.subs[i];
+        match sub.topic.locate(start, &self.hub.bounds()) {
+            Resume::At(ordinal, _) => self.client.set_cursor(i, ordinal),
+            Resume::Expired { floor, .. } => {
+                if let Some(bus) = self.hub.bus() {
+                    let rx = bus.catch_up(sub.topic.key(), start, floor);
+                    sub.catch_up = Some(CatchUpReader::new(rx));
+                }
+            }
+            // The ring is at the very start too.
+            Resume::Unknown => {
+                let (head, _) = sub.topic.head();
+                self.client.set_cursor(i, head);
             }
         }
     }

@@ -881,6 +881,38 @@ fn a_partitioned_topic_is_read_from_every_partition_with_one_cursor_entry_each()
 }
 
 #[test]
+fn a_reset_ring_gives_its_live_streams_a_notice_then_the_new_log() {
+    let hub = hub();
+    assert!(hub.set_bus(Arc::new(NullBus)).is_ok());
+    hub.ensure_partition_at("t#0", "t", 0, Position::new(0, 0))
+        .unwrap();
+    for lo in 1..=3 {
+        assert!(hub.publish_at("t#0", Position::new(0, lo), None, "old"));
+    }
+    let mut live = open(&hub, &["t"], None);
+    let mut behind = open(&hub, &["t"], Some("t:0-1"));
+    skip_preamble(&mut live);
+
+    // The log started again: positions restart below the ring's.
+    assert!(hub.reset_ring("t#0", Position::new(0, 0)));
+    assert!(!hub.reset_ring("nope#0", Position::new(0, 0)));
+    assert!(hub.publish_at("t#0", Position::new(0, 1), None, "new"));
+    let want = [gap("t:0-0", "t", "reset"), message("t:0-1", "new")];
+    assert_eq!(events(&drain(&mut live).0), want);
+    // A stream that had not read the old log to its end (not polled yet)
+    // is not judged slow for it: the same notice, then the new log.
+    assert_eq!(events(&drain(&mut behind).0), want);
+    assert_eq!(
+        hub.topics()[0].last_event_id.as_deref(),
+        Some("t:0-1"),
+        "the ring goes on with the new log"
+    );
+    // A stream opened after the reset has nothing to be told.
+    let mut fresh = open(&hub, &["t"], Some("t:0-0"));
+    assert_eq!(events(&drain(&mut fresh).0), [message("t:0-1", "new")]);
+}
+
+#[test]
 fn every_hub_has_its_own_epoch_even_within_one_millisecond() {
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

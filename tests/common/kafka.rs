@@ -179,6 +179,22 @@ impl Tansu {
         }
     }
 
+    /// Sends `sig` (`STOP`, `CONT`) to the broker: a hung broker is not a
+    /// dead one.
+    pub fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("the broker runs");
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(ok.success(), "kill -{sig} {pid}");
+    }
+
     /// Starts the broker again on the same port and storage.
     pub async fn restart(&mut self) {
         self.kill().await;

@@ -60,7 +60,7 @@ impl Reader<'_> {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "true")
             .apply(&self.opts.config)
-            .create_with_context(Context)
+            .create_with_context(Context::default())
         {
             Ok(c) => Arc::new(c),
             Err(e) => return Some(CatchUp::Failed(e.to_string())),
@@ -128,6 +128,9 @@ impl Reader<'_> {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(_)) => break,
                 Err(e) if is_out_of_range(&e) => return Some(CatchUp::Gap),
+                // Stop fetching before the broker comes back: it may no
+                // longer know the topic (see the module doc of `kafka`).
+                Err(e) if super::brokers_lost(&e) => return Some(CatchUp::Failed(e.to_string())),
                 Err(e) => {
                     tracing::debug!(error = %e, "kafka catch-up consumer error");
                     if last_progress.elapsed() >= timeout {
@@ -143,19 +146,15 @@ impl Reader<'_> {
             }
             if !first_copy(self.dedup, &m, &pos.id_in(self.sse)) {
                 self.stats.duplicates_dropped.fetch_add(1, Relaxed);
-            } else {
-                match decode(&m, &self.opts.event_header) {
-                    Some((event, data)) => page.push(StoredEvent {
-                        pos,
-                        event: event.map(str::to_owned),
-                        data: data.to_owned(),
-                    }),
-                    None => {
-                        if let Some(c) = self.stats.topics.get(topic) {
-                            c.skipped.fetch_add(1, Relaxed);
-                        }
-                    }
-                }
+            } else if let Some((event, data)) = decode(&m, &self.opts.event_header) {
+                // A record that is not an event is skipped here too, but
+                // counted only by the shared consumer, which reads every
+                // record once.
+                page.push(StoredEvent {
+                    pos,
+                    event: event.map(str::to_owned),
+                    data: data.to_owned(),
+                });
             }
             if pos == until {
                 break;

@@ -14,8 +14,26 @@
 //!   once the broker acknowledged every event, within `--kafka-timeout`.
 //! - **Catch-up**: a resume point older than a ring is read back with a
 //!   short-lived consumer owned by the stream ([`catch_up`]).
-//! - A periodic metadata fetch tells whether Kafka is up, finds partitions
-//!   added later (their rings start at offset 0) and measures lag.
+//! - A periodic metadata fetch tells whether a PATCH would be accepted now
+//!   (`/ready`), finds partitions added later (their rings start at offset
+//!   0) and measures lag.
+//! - **Faults**: when every broker is lost, the consumer is replaced by a
+//!   fresh, unassigned one and the producer by a fresh one once Kafka is back,
+//!   so no client carries topic ids, producer ids or sequence numbers from
+//!   before the outage into a cluster that may have forgotten them (a broker
+//!   that lost its topics, or a topic deleted and created again). A partition
+//!   whose log restarted below what its ring holds has its ring reset, and
+//!   its streams get a gap notice (reason `reset`).
+//!
+//! Why the consumer is replaced rather than left to reconnect: librdkafka
+//! (2.12.1, and its master as of this writing) crashes (SIGSEGV in
+//! `rd_kafka_metadata_update_op`) when a Fetch response carries a "current
+//! leader" for a topic with an all-zero topic id: the leader-discovery path
+//! (KIP-951) then looks the topic up by a name it never set. Tansu answers a
+//! Fetch for a topic id it does not know exactly so, which is what every
+//! partition of a consumer fetches after the broker lost or re-created the
+//! topic. A consumer with no assignment fetches nothing, and a new one learns
+//! the topic's new id before it fetches.
 
 mod catch_up;
 mod idempotency;
@@ -45,6 +63,14 @@ use idempotency::{Dedup, Tag};
 
 /// How often metadata is fetched (health, new partitions).
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// The backoff librdkafka waits between reconnect attempts grows up to this
+/// (its default is 10 s): after an outage, clients find the broker again
+/// within about a second.
+const RECONNECT_BACKOFF_MAX: &str = "1000";
+/// Bound on the watch's own requests (at most --kafka-timeout).
+const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a record read back to check a log waits for it.
+const RECORD_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Lag is measured every this many metadata rounds.
 const LAG_EVERY: u32 = 5;
 
@@ -142,9 +168,46 @@ impl KafkaStats {
 
 /// Routes librdkafka's own log lines and errors into `tracing`. Its lines
 /// repeat on every reconnect attempt, so they are debug-level: the gateway
-/// reports Kafka going down and coming back once, itself.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Context;
+/// reports Kafka going down and coming back once, itself. A producer's
+/// context also notes when every broker was lost.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Context {
+    health: Option<Arc<Health>>,
+}
+
+/// What a client went through since it was started.
+#[derive(Debug, Default)]
+struct Health {
+    /// Every broker was unreachable at some point: a producer's id, epoch
+    /// and sequence numbers, a consumer's topic ids may mean nothing to the
+    /// cluster that comes back.
+    brokers_lost: AtomicBool,
+    /// Wakes the consume loop when every broker is lost.
+    lost: tokio::sync::Notify,
+    /// A producer's last publish was not acknowledged in time, or failed.
+    failing: AtomicBool,
+}
+
+/// The producer and what it went through.
+#[derive(Clone)]
+struct LiveProducer {
+    inner: FutureProducer<Context>,
+    health: Arc<Health>,
+}
+
+/// Resolves when the client of `health` has lost every broker (a permit is
+/// kept if nobody waits).
+async fn lost(health: &Option<Arc<Health>>) {
+    match health {
+        Some(h) => h.lost.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a client error means no broker is reachable.
+fn brokers_lost(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+}
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -158,6 +221,15 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka also says "0/1 brokers are down" for a moment while
+        // it swaps the bootstrap address for the broker's own: not lost.
+        if let Some(health) = &self.health
+            && brokers_lost(&error)
+            && !reason.starts_with("0/")
+        {
+            health.brokers_lost.store(true, Relaxed);
+            health.lost.notify_one();
+        }
         let transient = matches!(
             error.rdkafka_error_code(),
             Some(
@@ -185,16 +257,23 @@ pub struct KafkaBus {
     /// Kafka topic → SSE topic, and back.
     sse_of: HashMap<String, Arc<str>>,
     kafka_of: HashMap<String, String>,
-    /// The shared consumer; taken and dropped at shutdown.
+    /// The shared consumer; replaced after an outage (see the module doc),
+    /// taken and dropped at shutdown.
     consumer: Mutex<Option<Arc<Cons>>>,
-    /// The producer; taken, flushed and dropped at shutdown.
-    producer: Mutex<Option<FutureProducer<Context>>>,
+    /// Asks the consume loop to replace the consumer.
+    replace_consumer: tokio::sync::Notify,
+    /// The producer; replaced after an outage or a failure, taken, flushed
+    /// and dropped at shutdown.
+    producer: Mutex<Option<LiveProducer>>,
     hub: Weak<Hub>,
-    /// Partitions assigned so far, by Kafka topic (held across the blocking
-    /// metadata calls, so one sync runs at a time).
+    /// Partitions the current consumer is assigned, by Kafka topic (held
+    /// across the blocking metadata calls, so one sync runs at a time).
     assigned: tokio::sync::Mutex<HashMap<String, HashSet<i32>>>,
     /// Kafka topics that did not exist at the last metadata fetch.
     missing: Mutex<HashSet<String>>,
+    /// The last record delivered, by ring key: its position and a
+    /// fingerprint of its content (see `same_log`).
+    last_records: Mutex<HashMap<String, (Position, u64)>>,
     catch_ups: Arc<Semaphore>,
     up: AtomicBool,
     /// Whether Kafka has answered since start-up.
@@ -236,6 +315,15 @@ fn fenced(code: RDKafkaErrorCode) -> bool {
 /// The hub key of an SSE topic's partition ring.
 fn ring_key(sse: &str, partition: i32) -> String {
     format!("{sse}#{partition}")
+}
+
+/// A record's content, to tell the same record from a new one at the same
+/// offset (a re-created log).
+fn fingerprint(event: Option<&str>, data: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (event, data).hash(&mut h);
+    h.finish()
 }
 
 /// A record's position: its partition, and the offset after it.
@@ -305,20 +393,7 @@ impl KafkaBus {
         hub: &Arc<Hub>,
         tracker: tokio_util::task::TaskTracker,
     ) -> Result<Arc<KafkaBus>, BusError> {
-        let consumer: Cons = opts
-            .client_config()
-            // librdkafka needs a group id to assign partitions; it never
-            // joins the group (no subscribe) and never commits.
-            .set("group.id", format!("streamline-{}", opts.replica_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // If a position is no longer in the log (retention, or a broker
-            // that lost data), re-read what is there: the hub drops what it
-            // already has, by position.
-            .set("auto.offset.reset", "earliest")
-            .apply(&opts.config)
-            .create_with_context(Context)
-            .map_err(unavailable)?;
+        let consumer = opts.consumer()?;
         let producer = opts.producer()?;
         let sse_of = opts
             .topics
@@ -339,10 +414,12 @@ impl KafkaBus {
             sse_of,
             kafka_of,
             consumer: Mutex::new(Some(Arc::new(consumer))),
+            replace_consumer: tokio::sync::Notify::new(),
             producer: Mutex::new(Some(producer)),
             hub: Arc::downgrade(hub),
             assigned: tokio::sync::Mutex::new(HashMap::new()),
             missing: Mutex::new(HashSet::new()),
+            last_records: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
             was_up: AtomicBool::new(false),
             tracker,
@@ -359,35 +436,43 @@ impl KafkaBus {
 
     /// The producer, replaced first if it hit a fatal error. Fails once
     /// closed.
-    fn live_producer(&self) -> Result<FutureProducer<Context>, BusError> {
+    fn live_producer(&self) -> Result<LiveProducer, BusError> {
         let mut slot = self.producer.lock().unwrap_or_else(|e| e.into_inner());
         let producer = slot
             .as_ref()
             .ok_or_else(|| unavailable("the producer is closed"))?;
-        if let Some((code, reason)) = producer.client().fatal_error() {
+        if let Some((code, reason)) = producer.inner.client().fatal_error() {
             tracing::warn!(%code, reason, "kafka producer failed for good; starting a new one");
-            *slot = Some(self.opts.producer()?);
+            let old = slot.replace(self.opts.producer()?);
+            retire(old);
         }
         slot.clone()
             .ok_or_else(|| unavailable("the producer is closed"))
     }
 
-    /// Replaces `dead` (unless already replaced): an idempotent producer
-    /// whose id or epoch the broker no longer accepts fails every later
-    /// message (seen after a broker restart, once a message timed out
-    /// while the broker was down).
-    fn renew_producer(&self, dead: &FutureProducer<Context>, code: RDKafkaErrorCode) {
+    /// Replaces `dead` (unless already replaced) with a fresh producer: an
+    /// idempotent producer whose id or epoch the broker no longer accepts
+    /// fails every later message, and one that lived through an outage may
+    /// wait a long time before the broker accepts it again (see
+    /// `producer_ready`).
+    fn renew_producer(&self, dead: &LiveProducer, why: &str) {
         let mut slot = self.producer.lock().unwrap_or_else(|e| e.into_inner());
         let same = slot
             .as_ref()
-            .is_some_and(|p| std::ptr::eq(p.client().native_ptr(), dead.client().native_ptr()));
+            .is_some_and(|p| Arc::ptr_eq(&p.health, &dead.health));
         if same {
-            tracing::info!(%code, "kafka producer was fenced; starting a new one");
+            tracing::info!(reason = why, "starting a new kafka producer");
             match self.opts.producer() {
-                Ok(p) => *slot = Some(p),
+                Ok(p) => retire(slot.replace(p)),
                 Err(e) => tracing::warn!(error = %e, "cannot start a new kafka producer"),
             }
         }
+    }
+
+    /// The Kafka topic and partition of a ring key.
+    fn partition_of(&self, ring: &str) -> Option<(String, i32)> {
+        let (sse, p) = ring.rsplit_once('#')?;
+        Some((self.kafka_of.get(sse)?.clone(), p.parse::<i32>().ok()?))
     }
 
     fn consumer(&self) -> Option<Arc<Cons>> {
@@ -421,13 +506,18 @@ impl KafkaBus {
 
     /// Hands every record of the assigned partitions to the hub, in order.
     /// librdkafka reconnects by itself and resumes each partition from its
-    /// position, so an outage loses nothing Kafka kept.
+    /// position, so an outage loses nothing Kafka kept. When every broker is
+    /// lost (or the watch asks), the consumer is replaced by an unassigned
+    /// one; the watch assigns it again, from where each ring is.
     async fn consume_loop(self: Arc<Self>, life: Lifecycle) {
-        if let Some(consumer) = self.consumer() {
+        'consumers: while let Some(consumer) = self.consumer() {
+            let health = consumer.client().context().health.clone();
             loop {
                 let msg = tokio::select! {
                     m = consumer.recv() => m,
-                    _ = life.stopped() => break,
+                    _ = lost(&health) => break,
+                    _ = self.replace_consumer.notified() => break,
+                    _ = life.stopped() => break 'consumers,
                 };
                 match msg {
                     Ok(m) => self.deliver(&m),
@@ -436,8 +526,51 @@ impl KafkaBus {
                     Err(e) => tracing::debug!(error = %e, "kafka consumer error"),
                 }
             }
+            // No record of the old consumer is delivered after this point:
+            // the new one starts where the rings are. Stop its fetching
+            // first, at once: the watch may hold the assignment for a while.
+            let old = consumer.clone();
+            let _ = tokio::task::spawn_blocking(move || old.unassign()).await;
+            drop(consumer);
+            self.new_consumer().await;
         }
         self.close().await;
+    }
+
+    /// Replaces the consumer by a fresh one with nothing assigned, unless
+    /// it has nothing assigned (a fresh one would not help, and the
+    /// outage would replace it again and again).
+    async fn new_consumer(&self) {
+        let mut assigned = self.assigned.lock().await;
+        if assigned.values().all(HashSet::is_empty) {
+            return;
+        }
+        let fresh = match self.opts.consumer() {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a new kafka consumer");
+                return;
+            }
+        };
+        let old = {
+            let mut slot = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_mut() {
+                Some(c) => std::mem::replace(c, fresh),
+                None => return, // closed
+            }
+        };
+        assigned.clear();
+        drop(assigned);
+        tracing::info!("kafka consumer replaced; partitions are assigned again once Kafka is back");
+        // Stop fetching at once; closing may wait on the broker.
+        self.tracker.spawn_blocking(move || {
+            let _ = old.unassign();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(old);
+        });
     }
 
     fn deliver(&self, m: &BorrowedMessage<'_>) {
@@ -451,12 +584,33 @@ impl KafkaBus {
             }
             return;
         };
+        let key = ring_key(sse, m.partition());
         let pos = position(m.partition(), m.offset());
         if !first_copy(&self.dedup, m, &pos.id_in(sse)) {
             self.stats.duplicates_dropped.fetch_add(1, Relaxed);
             return;
         }
-        hub.publish_at(&ring_key(sse, m.partition()), pos, event, data);
+        self.last_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (pos, fingerprint(event, data)));
+        if !hub.publish_at(&key, pos, event, data) {
+            // The consumer is assigned where the ring is, so a record at or
+            // below the ring's head means the log restarted under it (the
+            // topic was re-created, or the broker lost it): librdkafka went
+            // back to the log's start (`auto.offset.reset`). The ring starts
+            // again before this record.
+            let Some(head) = hub.ring_head(&key) else {
+                return;
+            };
+            if pos > head {
+                return;
+            }
+            let start = Position::new(pos.hi, pos.lo - 1);
+            tracing::warn!(topic = %m.topic(), partition = m.partition(), was = head.lo, now = start.lo, "kafka partition log was reset; its streams get a gap notice");
+            hub.reset_ring(&key, start);
+            hub.publish_at(&key, pos, event, data);
+        }
         if let Some(c) = counters {
             c.consumed.fetch_add(1, Relaxed);
         }
@@ -485,7 +639,7 @@ impl KafkaBus {
                 }
                 drop(consumer);
             }
-            let flushed = producer.map(|p| p.flush(timeout));
+            let flushed = producer.map(|p| p.inner.flush(timeout));
             flushed.unwrap_or(Ok(()))
         })
         .await;
@@ -496,103 +650,267 @@ impl KafkaBus {
         }
     }
 
-    /// Every second: fetches metadata (health, new partitions); every few
-    /// rounds, the high watermarks (lag).
+    /// Every second: fetches metadata (readiness, new partitions, lost
+    /// topics); every few rounds, the high watermarks (lag, reset logs).
     async fn watch_loop(self: Arc<Self>, life: Lifecycle) {
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut round = 0u32;
+        // A broker answers metadata in milliseconds: an outage shows on
+        // /ready within about two seconds, whatever --kafka-timeout is.
+        let probe = self.opts.timeout.min(WATCH_TIMEOUT);
         loop {
             tokio::select! {
                 _ = tick.tick() => {},
                 _ = life.stopped() => return,
             }
-            let ok = self.sync_partitions().await.is_ok();
+            let synced = self.sync_partitions(probe).await;
+            // Every broker lost, or a topic gone: a consumer that still
+            // fetches would crash librdkafka once the broker answers for a
+            // topic it no longer knows (module doc).
+            let lost = match &synced {
+                Ok(s) => s.gone,
+                Err(e) => {
+                    tracing::debug!(error = %e, "kafka metadata round failed");
+                    true
+                }
+            };
+            if lost && self.holds_assignment().await {
+                self.replace_consumer.notify_one();
+            }
+            let usable = synced.as_ref().is_ok_and(|s| s.usable);
+            let ok = usable && self.producer_ready(probe).await;
             self.was_up.fetch_or(ok, Relaxed);
             if self.up.swap(ok, Relaxed) != ok {
                 if ok {
-                    tracing::info!("kafka is reachable");
+                    tracing::info!("kafka is reachable: publishing works again");
                 } else {
-                    tracing::warn!("kafka is unreachable");
+                    tracing::warn!(
+                        "kafka is unreachable or a topic is missing (PATCH and /ready answer 503)"
+                    );
                 }
             }
-            if ok && round.is_multiple_of(LAG_EVERY) {
+            if synced.is_ok() && round.is_multiple_of(LAG_EVERY) {
                 self.measure_lag().await;
             }
             round = round.wrapping_add(1);
         }
     }
 
+    async fn holds_assignment(&self) -> bool {
+        !self.assigned.lock().await.values().all(HashSet::is_empty)
+    }
+
+    /// Whether a PATCH would be accepted now, as far as the producer goes
+    /// (the metadata round just found every topic with a leader for each
+    /// partition). A producer that lived through an outage, or whose last
+    /// publish failed, is replaced first: an idempotent producer carries
+    /// its id, epoch and sequence numbers across the outage, and a broker
+    /// that lost its state (or a re-created topic) may reject or stall it
+    /// for a long time.
+    async fn producer_ready(&self, timeout: Duration) -> bool {
+        let Ok(producer) = self.live_producer() else {
+            return false;
+        };
+        let h = &producer.health;
+        if h.brokers_lost.load(Relaxed) || h.failing.load(Relaxed) {
+            self.renew_producer(
+                &producer,
+                "it lived through an outage or its last publish failed",
+            );
+        }
+        let Ok(producer) = self.live_producer() else {
+            return false;
+        };
+        // A fresh producer connects on first use: this also gets its
+        // connection (and producer id) ready for the next PATCH.
+        let probe = producer.clone();
+        let reached = tokio::task::spawn_blocking(move || {
+            probe
+                .inner
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|md| md.orig_broker_id())
+        })
+        .await;
+        matches!(reached, Ok(Ok(_))) && !producer.health.brokers_lost.load(Relaxed)
+    }
+
     /// Assigns the partitions not assigned yet, after creating their rings:
     /// from the end for a topic seen for the first time, from the start for
-    /// a partition added to a topic later. Fails when Kafka does not answer.
-    async fn sync_partitions(&self) -> Result<(), BusError> {
+    /// a partition added to a topic later, and from where its ring is for a
+    /// partition this replica follows already (after an outage) — or from
+    /// the log's start, the ring reset, when the log restarted below the
+    /// ring. Fails when Kafka does not answer within `timeout`.
+    async fn sync_partitions(&self, timeout: Duration) -> Result<Synced, BusError> {
         let hub = self
             .hub
             .upgrade()
             .ok_or_else(|| unavailable("the hub is gone"))?;
         let mut assigned = self.assigned.lock().await;
+        let mut synced = Synced {
+            usable: true,
+            gone: false,
+        };
         for map in &self.opts.topics {
             let topic = map.kafka.clone();
-            let timeout = self.opts.timeout;
             let md = self
                 .blocking(move |c| c.fetch_metadata(Some(&topic), timeout))
                 .await?;
-            let partitions: Vec<i32> = md
-                .topics()
-                .iter()
-                .filter(|t| t.name() == map.kafka && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
+            let (partitions, leaderless) = {
+                let found = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == map.kafka && t.error().is_none());
+                let partitions: Vec<i32> = found
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                let leaderless =
+                    found.is_some_and(|t| t.partitions().iter().any(|p| p.leader() < 0));
+                (partitions, leaderless)
+            };
+            drop(md);
             self.note_missing(&map.kafka, partitions.is_empty());
+            if partitions.is_empty() {
+                synced.usable = false;
+                // Assigned partitions of a topic that is gone: the consumer
+                // must not fetch them (module doc).
+                synced.gone |= assigned.get(&map.kafka).is_some_and(|a| !a.is_empty());
+                continue;
+            }
+            synced.usable &= !leaderless;
             let known = assigned.get(&map.kafka);
-            let first = known.is_none();
             let new: Vec<i32> = partitions
-                .into_iter()
+                .iter()
+                .copied()
                 .filter(|p| known.is_none_or(|k| !k.contains(p)))
                 .collect();
             if new.is_empty() {
                 continue;
             }
+            // First time this replica sees the topic: no ring of it exists.
+            let first = partitions
+                .iter()
+                .all(|&p| hub.ring_head(&ring_key(&map.sse, p)).is_none());
             let mut tpl = TopicPartitionList::new();
             let mut added = Vec::with_capacity(new.len());
+            let mut resumed = false;
             for p in new {
-                let start = if first {
-                    let topic = map.kafka.clone();
-                    let timeout = self.opts.timeout;
-                    self.blocking(move |c| c.fetch_watermarks(&topic, p, timeout))
-                        .await?
-                        .1
-                } else {
-                    0
-                };
                 let key = ring_key(&map.sse, p);
-                let start = Position::new(p as u64, start.max(0) as u64);
-                // The ring exists before its partition is assigned, so no
-                // record is dropped; if it exists already (an earlier round
-                // that did not finish), it goes on from where it is.
-                match hub.ensure_partition_at(&key, &map.sse, p as u64, start) {
-                    Ok(head) => {
-                        tpl.add_partition_offset(&map.kafka, p, Offset::Offset(head.lo as i64))
-                            .map_err(unavailable)?;
-                        added.push(p);
+                let topic = map.kafka.clone();
+                let (low, high) = self
+                    .blocking(move |c| c.fetch_watermarks(&topic, p, timeout))
+                    .await?;
+                let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+                // A high watermark below the ring's head: the log restarted —
+                // unless the record at the head is still there (Tansu's S3
+                // storage reports wrong high watermarks after a restart).
+                let restarted = match hub.ring_head(&key) {
+                    Some(head) if head.lo > high => !self.same_log(&key, &map.kafka, p, head).await,
+                    _ => false,
+                };
+                let from = match hub.ring_head(&key) {
+                    // The log restarted below the ring: start again with it.
+                    Some(head) if restarted => {
+                        resumed = true;
+                        tracing::warn!(topic = %map.kafka, partition = p, was = head.lo, now = high, "kafka partition log was reset; its streams get a gap notice");
+                        hub.reset_ring(&key, Position::new(p as u64, low));
+                        low
                     }
-                    // `--max-topics`: tried again next round.
-                    Err(e) => {
-                        tracing::warn!(topic = %map.kafka, partition = p, error = %e, "cannot follow a kafka partition")
+                    Some(head) => {
+                        resumed = true;
+                        head.lo
                     }
-                }
+                    None => {
+                        let start = if first { high } else { 0 };
+                        let start = Position::new(p as u64, start);
+                        // The ring exists before its partition is assigned,
+                        // so no record is dropped.
+                        match hub.ensure_partition_at(&key, &map.sse, p as u64, start) {
+                            Ok(head) => head.lo,
+                            // `--max-topics`: tried again next round.
+                            Err(e) => {
+                                tracing::warn!(topic = %map.kafka, partition = p, error = %e, "cannot follow a kafka partition");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                tpl.add_partition_offset(&map.kafka, p, Offset::Offset(from as i64))
+                    .map_err(unavailable)?;
+                added.push(p);
             }
             if added.is_empty() {
                 continue;
             }
             self.blocking(move |c| c.incremental_assign(&tpl)).await?;
-            if !first {
+            if resumed {
+                tracing::info!(topic = %map.kafka, partitions = ?added, "following kafka partitions again");
+            } else if !first {
                 tracing::info!(topic = %map.kafka, partitions = ?added, "following new kafka partitions");
             }
             assigned.entry(map.kafka.clone()).or_default().extend(added);
         }
-        Ok(())
+        Ok(synced)
+    }
+
+    /// Whether the partition still holds the record at `head` (the ring's
+    /// newest): read back, and compared by content with the last record
+    /// this replica delivered there, if it did. True when Kafka does not
+    /// tell.
+    async fn same_log(&self, key: &str, topic: &str, partition: i32, head: Position) -> bool {
+        let delivered = self
+            .last_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .filter(|(pos, _)| *pos == head);
+        match (self.record_at(topic, partition, head).await, delivered) {
+            (Some(found), Some((_, print))) => found == print,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// The fingerprint of the record at `pos` (the offset before it) read
+    /// back from Kafka; `None` when no event is there within a moment (some
+    /// brokers, Tansu among them, answer a fetch past the log's end with
+    /// nothing rather than an error).
+    async fn record_at(&self, topic: &str, partition: i32, pos: Position) -> Option<u64> {
+        if pos.lo == 0 {
+            return None;
+        }
+        let (tx, mut rx) = mpsc::channel(2);
+        let opts = KafkaOptions {
+            timeout: self.opts.timeout.min(RECORD_CHECK_TIMEOUT),
+            ..self.opts.clone()
+        };
+        let sse = self.sse_of.get(topic).map_or("", |s| &**s);
+        let reader = catch_up::Reader {
+            opts: &opts,
+            stats: &self.stats,
+            dedup: &self.dedup,
+            topic,
+            sse,
+            partition,
+        };
+        // One record: the channel holds it, so `run` never waits on it.
+        let _ = reader
+            .run(Position::new(pos.hi, pos.lo - 1), pos, &tx)
+            .await;
+        drop(tx);
+        let mut found = None;
+        while let Some(msg) = rx.recv().await {
+            if let CatchUp::Events(events) = msg {
+                found = events
+                    .iter()
+                    .find(|e| e.pos == pos)
+                    .map(|e| fingerprint(e.event.as_deref(), &e.data));
+            }
+        }
+        found
     }
 
     fn note_missing(&self, topic: &str, missing: bool) {
@@ -641,6 +959,22 @@ impl KafkaBus {
     }
 }
 
+/// What a metadata round found.
+struct Synced {
+    /// Every topic exists and each of its partitions has a leader.
+    usable: bool,
+    /// A topic whose partitions the consumer is assigned is gone.
+    gone: bool,
+}
+
+/// Drops a replaced producer off the runtime: dropping purges what it still
+/// holds (those PATCHes were answered 503 already) and joins its threads.
+fn retire(old: Option<LiveProducer>) {
+    if let Some(old) = old {
+        std::thread::spawn(move || drop(old));
+    }
+}
+
 impl KafkaBus {
     /// Produces `events` (tagged with `key`, see [`idempotency`]) and
     /// waits for every acknowledgement; returns their positions. Fails
@@ -670,7 +1004,7 @@ impl KafkaBus {
         // metadata watch has since lost it), send nothing: a record queued
         // now would end in a timeout, which cannot tell "not written" from
         // "written", so the publisher could only be told "unknown".
-        if self.was_up.load(Relaxed) && !self.up.load(Relaxed) {
+        if self.was_up.load(Relaxed) && !Bus::is_up(self) {
             return Err(unavailable(
                 "Kafka is unreachable (see /ready); nothing was sent",
             ));
@@ -700,7 +1034,7 @@ impl KafkaBus {
             if let Some(headers) = headers {
                 record = record.headers(headers);
             }
-            match producer.send_result(record) {
+            match producer.inner.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((e, _)) => {
                     let n = events.len() - deliveries.len();
@@ -720,6 +1054,8 @@ impl KafkaBus {
         }
         let all = futures_util::future::join_all(deliveries);
         let Ok(results) = tokio::time::timeout(self.opts.timeout, all).await else {
+            // Until the watch has replaced it, `/ready` says 503.
+            producer.health.failing.store(true, Relaxed);
             self.stats
                 .produce_errors
                 .fetch_add(events.len() as u64, Relaxed);
@@ -739,7 +1075,7 @@ impl KafkaBus {
                     self.stats.produce_errors.fetch_add(1, Relaxed);
                     let code = e.rdkafka_error_code();
                     if let Some(code) = code.filter(|c| fenced(*c)) {
-                        self.renew_producer(&producer, code);
+                        self.renew_producer(&producer, &format!("the broker fenced it ({code})"));
                     }
                     all_rejected &= code.is_some_and(rejected);
                     failure = Some(e.to_string());
@@ -751,6 +1087,7 @@ impl KafkaBus {
                 }
             }
         }
+        producer.health.failing.store(failure.is_some(), Relaxed);
         match failure {
             None => Ok(acked),
             Some(reason) if all_rejected && acked.is_empty() => Err(unavailable(reason)),
@@ -784,9 +1121,29 @@ impl KafkaBus {
 }
 
 impl KafkaOptions {
-    fn producer(&self) -> Result<FutureProducer<Context>, BusError> {
-        let timeout_ms = self.timeout.as_millis().max(1).to_string();
+    fn consumer(&self) -> Result<Cons, BusError> {
         self.client_config()
+            // librdkafka needs a group id to assign partitions; it never
+            // joins the group (no subscribe) and never commits.
+            .set("group.id", format!("streamline-{}", self.replica_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // If a position is no longer in the log (retention, or a log
+            // that restarted), read what is there: the hub drops what it
+            // already has, by position, or resets the ring (`deliver`).
+            .set("auto.offset.reset", "earliest")
+            .apply(&self.config)
+            .create_with_context(Context {
+                health: Some(Arc::new(Health::default())),
+            })
+            .map_err(unavailable)
+    }
+
+    fn producer(&self) -> Result<LiveProducer, BusError> {
+        let timeout_ms = self.timeout.as_millis().max(1).to_string();
+        let health = Arc::new(Health::default());
+        let inner = self
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
@@ -794,14 +1151,18 @@ impl KafkaOptions {
             // retried after PATCH has answered 503.
             .set("message.timeout.ms", &timeout_ms)
             .apply(&self.config)
-            .create_with_context(Context)
-            .map_err(unavailable)
+            .create_with_context(Context {
+                health: Some(health.clone()),
+            })
+            .map_err(unavailable)?;
+        Ok(LiveProducer { inner, health })
     }
 
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", format!("streamline-{}", self.replica_id))
+            .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX)
             // librdkafka's lines go to `Context::log` at their own level.
             .set_log_level(RDKafkaLogLevel::Info);
         c
@@ -880,8 +1241,9 @@ impl Bus for KafkaBus {
                 .into());
             };
             // Bounded: a stream waits at most --kafka-timeout to learn.
-            match tokio::time::timeout(self.opts.timeout, self.sync_partitions()).await {
-                Ok(synced) => synced?,
+            let timeout = self.opts.timeout;
+            match tokio::time::timeout(timeout, self.sync_partitions(timeout)).await {
+                Ok(synced) => _ = synced?,
                 Err(_) => return Err(unavailable("Kafka did not answer in time").into()),
             }
             let missing = self
@@ -937,8 +1299,50 @@ impl Bus for KafkaBus {
         rx
     }
 
+    /// A resume point beyond the partition's high watermark was never in
+    /// its current log: the log started again since (the topic re-created,
+    /// or the broker lost it).
+    fn probe(&self, ring: &str, pos: Position) -> Option<mpsc::Receiver<CatchUp>> {
+        let (tx, rx) = mpsc::channel(1);
+        let bus = self.me.upgrade()?;
+        let (topic, partition) = self.partition_of(ring)?;
+        self.tracker.spawn(async move {
+            let _permit = tokio::select! {
+                p = bus.catch_ups.clone().acquire_owned() => p,
+                _ = tx.closed() => return,
+            };
+            let timeout = bus.opts.timeout;
+            let topic_name = topic.clone();
+            let high = bus
+                .blocking(move |c| c.fetch_watermarks(&topic, partition, timeout))
+                .await;
+            // Beyond the high watermark, and no record there (the
+            // watermark alone is not trusted, see `sync_partitions`). When
+            // Kafka cannot tell, the stream waits for the ring, as for any
+            // point this replica has not reached.
+            if let Ok((_, high)) = high
+                && pos.lo as i64 > high
+                && bus.record_at(&topic_name, partition, pos).await.is_none()
+            {
+                let _ = tx.send(CatchUp::Reset).await;
+            }
+        });
+        Some(rx)
+    }
+
+    /// The last metadata round found every topic usable and the producer
+    /// able to publish, and since then the producer has not lost every
+    /// broker nor failed a publish (`/ready` turns 503 at once then).
     fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        let producer_ok = self
+            .producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| {
+                !p.health.brokers_lost.load(Relaxed) && !p.health.failing.load(Relaxed)
+            });
+        producer_ok && self.up.load(Relaxed)
     }
 
     fn catch_ups_running(&self) -> i64 {
