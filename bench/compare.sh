@@ -5,8 +5,16 @@
 # Usage: bench/compare.sh [SUBSCRIBERS [RATE [DURATION [SIZE [TOPICS]]]]]
 #   defaults: 1000 subscribers, 100 events/s, 10 s, 100-byte payloads, 1 topic.
 #   RATE 0 runs the idle scenario (open the streams, measure memory, hold).
+#   RATE as a comma-separated list (200,400,800) is a rate sweep: each server
+#   runs every rate in turn, and the table shows each one's knee (the most
+#   deliveries/s with every event published, none lost, p99 <= KNEE_P99).
 # Environment:
 #   PEERS       which servers, in order (default: streamline nchan axum-naive fastapi-queue)
+#   MODES       publisher modes to run against each server, in order (default: serial;
+#               "serial pool" runs both, labelled PEER/MODE); see --publisher-mode
+#   ROUNDS      repeat everything this many times, every other round in reverse peer
+#               order (default 1)
+#   KNEE_P99    the p99 bound of a sweep's knee (default 100ms)
 #   PEERS_DIR   where the peers live (default: ../shared/peers from the repo root)
 #   BENCH_ARGS  extra flags for streamline-bench (e.g. "--publishers 2")
 #   OUT         directory for logs and the JSON lines (default: a new temp dir)
@@ -101,8 +109,22 @@ missing_prerequisite() {
   fi
 }
 
+rates=${rate//,/ }
+sweep=
+[ "$rates" != "$rate" ] && sweep=1
+modes=${MODES:-serial}
+rounds=${ROUNDS:-1}
+nmodes=$(wc -w <<< "$modes")
+
 skipped=()
-for peer in $peers; do
+for round in $(seq 1 "$rounds"); do
+order=$peers round_modes=$modes
+# Alternate the order so neither server (nor mode) always runs first.
+if [ $((round % 2)) = 0 ]; then
+  order=$(tr ' ' '\n' <<< "$peers" | tac | tr '\n' ' ')
+  round_modes=$(tr ' ' '\n' <<< "$modes" | tac | tr '\n' ' ')
+fi
+for peer in $order; do
   why=$(missing_prerequisite "$peer")
   if [ -n "$why" ]; then
     echo "== $peer: skipped ($why)" >&2
@@ -153,18 +175,32 @@ for peer in $peers; do
     skipped+=("$peer: did not start (see $log)")
     continue
   fi
-  mode=(--rate "$rate")
-  [ "$rate" = 0 ] && mode=(--idle-only)
-  # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
-  "$bench" --label "$peer" --url "$url" "${pub_args[@]}" --pid "$server_pid" \
-    --subscribers "$subs" "${mode[@]}" --duration "$duration" --size "$size" --topics "$topics" \
-    ${BENCH_ARGS:-} | tee "$out/$peer.bench.txt" || echo "  streamline-bench failed for $peer" >&2
-  tail -n 1 "$out/$peer.bench.txt" | grep '^{' >> "$results" || true
+  for r in $rates; do
+    for m in $round_modes; do
+      load=(--rate "$r")
+      [ "$r" = 0 ] && load=(--idle-only)
+      label=$peer
+      [ "$nmodes" -gt 1 ] && label=$peer/$m
+      run=$out/$peer.$m.$r.round$round.bench.txt
+      echo "== $label: rate $r, round $round, $(uptime | sed 's/.*load/load/')" >&2
+      # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+      "$bench" --label "$label" --url "$url" "${pub_args[@]}" --pid "$server_pid" \
+        --publisher-mode "$m" --subscribers "$subs" "${load[@]}" --duration "$duration" \
+        --size "$size" --topics "$topics" ${BENCH_ARGS:-} | tee "$run" ||
+        echo "  streamline-bench failed for $label" >&2
+      tail -n 1 "$run" | grep '^{' >> "$results" || true
+    done
+  done
   stop_server
+done
 done
 
 echo
-echo "scenario: $subs subscribers, rate $rate events/s, $duration s, $size-byte payloads, $topics topics"
-"$bench" --table "$results"
+echo "scenario: $subs subscribers, rate $rate events/s, $duration s, $size-byte payloads, $topics topics, publisher modes: $modes, $rounds round(s)"
+if [ -n "$sweep" ]; then
+  "$bench" --knee "$results" --knee-p99 "${KNEE_P99:-100ms}"
+else
+  "$bench" --table "$results"
+fi
 for s in "${skipped[@]}"; do echo "skipped $s"; done
 echo "logs and JSON lines: $out"

@@ -86,6 +86,8 @@ async fn every_event_reaches_every_stream() {
     assert_eq!(n(&r, "planned"), 400);
     assert_eq!(n(&r, "delivered"), 50 * 400);
     assert_eq!(r["label"], "one-topic");
+    assert_eq!(r["publisher_mode"], "serial", "{r}");
+    assert_eq!(n(&r, "publish_connections"), 1, "{r}");
     assert!(n(&r, "rss_idle_kib") > 0, "{r}");
     gw.shutdown().await;
 }
@@ -102,6 +104,32 @@ async fn topics_publishers_and_batches() {
     assert_eq!(n(&r, "planned"), 300);
     // Ten streams on each topic, a third of the events each.
     assert_eq!(n(&r, "delivered"), 30 * 100);
+    gw.shutdown().await;
+}
+
+/// As a publishing service with a connection pool: every event arrives
+/// (events on different connections may overtake each other, so order is
+/// not checked), at most --pool-max connections are used, and the report
+/// says how it published.
+#[tokio::test]
+async fn pooled_publisher() {
+    let gw = TestGateway::start().await;
+    let flags = concat!(
+        "--subscribers 20 --topics 2 --rate 200 --duration 1",
+        " --publisher-mode pool --pool-max 2 --stamp due"
+    );
+    let r = bench(&gw, flags).await;
+    assert_eq!(n(&r, "streams_open"), 20, "{r}");
+    assert_eq!(n(&r, "published"), 200, "{r}");
+    for key in ["missing", "duplicated", "wrong_topic", "streams_ended"] {
+        assert_eq!(n(&r, key), 0, "{key}: {r}");
+    }
+    assert_eq!(n(&r, "delivered"), 20 * 100, "{r}");
+    assert_eq!(r["publisher_mode"], "pool", "{r}");
+    assert_eq!(r["pool_max"], 2, "{r}");
+    assert_eq!(r["stamp"], "due", "{r}");
+    assert!((1..=2).contains(&n(&r, "publish_connections")), "{r}");
+    assert_eq!(r["publish_delay_us"]["count"], 200, "{r}");
     gw.shutdown().await;
 }
 

@@ -24,7 +24,10 @@
 //! an await, and never both at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -182,6 +185,10 @@ pub struct Topic {
     /// after it are pinned. Lowered when a stream joins, recomputed at each
     /// lag sample (under the subscriber lock, so a join is never missed).
     pin: AtomicU64,
+    /// The ring's head ordinal, stored after each push (under the write
+    /// lock, before the push's wake-up): a stream that has read everything
+    /// finds that out without the lock, which both stream threads share.
+    head: AtomicU64,
     ring: RwLock<Ring>,
     subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
     /// How many times the ring was reset: streams compare it with the count
@@ -205,6 +212,7 @@ impl Topic {
             lag_mark: AtomicU64::new(0),
             sampled: AtomicU64::new(0),
             pin: AtomicU64::new(u64::MAX),
+            head: AtomicU64::new(0),
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
                 first: 1,
@@ -265,6 +273,7 @@ impl Topic {
         ring.head_pos = pos;
         ring.published += 1;
         ring.evict(bounds, now, self.pin.load(Relaxed));
+        self.head.store(ring.head(), Release);
         Some((ring.head(), pos))
     }
 
@@ -328,6 +337,12 @@ impl Topic {
 
     /// The event after ordinal `after`.
     pub fn read(&self, after: u64) -> Read {
+        // Pairs with the store in `push`. A push not yet seen here is
+        // followed by a wake-up, and a stream registers its waker before
+        // its last look, so it reads that event on its next poll.
+        if after >= self.head.load(Acquire) {
+            return Read::Empty;
+        }
         let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
         if after >= ring.head() {
             return Read::Empty;

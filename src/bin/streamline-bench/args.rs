@@ -96,6 +96,36 @@ pub struct Args {
     #[arg(long, env = "STREAMLINE_BENCH_PUBLISHERS", default_value_t = 0)]
     pub publishers: usize,
 
+    /// How events reach the server. `serial`: --publishers publishers, each
+    /// sending its share one after another on one keep-alive connection (a
+    /// slow answer holds its next events back). `pool`: as a publishing
+    /// service with a connection pool does, each event when due goes out on
+    /// an idle keep-alive connection, and another is opened (up to
+    /// --pool-max) only when all are busy.
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_PUBLISHER_MODE",
+        value_enum,
+        default_value = "serial"
+    )]
+    pub publisher_mode: crate::publisher::Mode,
+
+    /// The time an event's payload carries, from which its latency is
+    /// measured: `sent` (just before its request) or `due` (when the
+    /// schedule called for it, so time spent waiting in the publisher for a
+    /// connection counts too).
+    #[arg(
+        long,
+        env = "STREAMLINE_BENCH_STAMP",
+        value_enum,
+        default_value = "sent"
+    )]
+    pub stamp: crate::publisher::Stamp,
+
+    /// With --publisher-mode pool: most connections (requests in flight).
+    #[arg(long, env = "STREAMLINE_BENCH_POOL_MAX", default_value_t = 4)]
+    pub pool_max: usize,
+
     /// Most events per publish request: a publisher that has fallen behind
     /// sends what is due as one JSON array `[body,body,…]` (Streamline's
     /// PATCH /events takes arrays). 1 sends one request per event. Needs a
@@ -177,11 +207,26 @@ pub struct Args {
     /// as this tool prints them) and exit.
     #[arg(long, value_name = "FILE")]
     pub table: Option<PathBuf>,
+
+    /// Print a rate sweep of the JSON lines in FILE (runs of one or more
+    /// servers, told apart by --label, at several --rate) side by side with
+    /// each server's knee: the highest deliveries/s of a run with every
+    /// planned event published, nothing lost and p99 within --knee-p99;
+    /// and exit.
+    #[arg(long, value_name = "FILE")]
+    pub knee: Option<PathBuf>,
+
+    /// The p99 latency a run may have and still count for --knee.
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    pub knee_p99: Duration,
 }
 
 impl Args {
     /// The number of publishers to run (see --publishers).
     pub fn publisher_count(&self) -> usize {
+        if self.publisher_mode == crate::publisher::Mode::Pool {
+            return 1;
+        }
         if self.publishers > 0 {
             return self.publishers;
         }
@@ -203,6 +248,9 @@ impl Args {
         }
         if self.pub_batch > 1 && self.pub_url.contains("{topic}") {
             return Err("--pub-batch needs a publish URL without {topic}".into());
+        }
+        if self.pool_max == 0 {
+            return Err("--pool-max must be at least 1".into());
         }
         if self.churn && self.idle_only {
             return Err("--churn publishes: not with --idle-only".into());

@@ -43,7 +43,10 @@ use target::Target;
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(file) = &args.table {
-        return print_comparison(file);
+        return print_comparison(file, None);
+    }
+    if let Some(file) = &args.knee {
+        return print_comparison(file, Some(args.knee_p99.as_micros() as u64));
     }
     if let Err(e) = args.check() {
         eprintln!("streamline-bench: {e}");
@@ -84,7 +87,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_comparison(file: &std::path::Path) -> ExitCode {
+/// `--table` (`knee_p99_us` None) or `--knee`.
+fn print_comparison(file: &std::path::Path, knee_p99_us: Option<u64>) -> ExitCode {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -102,7 +106,10 @@ fn print_comparison(file: &std::path::Path) -> ExitCode {
             ),
         }
     }
-    print!("{}", report::compare(&reports));
+    match knee_p99_us {
+        None => print!("{}", report::compare(&reports)),
+        Some(p99) => print!("{}", report::knees(&reports, p99)),
+    }
     ExitCode::SUCCESS
 }
 
@@ -166,11 +173,15 @@ async fn run(args: Args) -> Result<Report, String> {
         duration_s: args.duration,
         size: args.size,
         publishers,
+        publisher_mode: args.publisher_mode,
+        stamp: args.stamp,
+        pool_max: (args.publisher_mode == publisher::Mode::Pool).then_some(args.pool_max),
         source_addrs: target.sources.len(),
         server_pid: args.pid,
         ..Report::default()
     };
     let plan = Arc::new(plan(&args, publishers)?);
+    let (mode, pool_max) = (args.publisher_mode, args.pool_max);
     report.churn = args.churn;
     report.rss_before_kib = server.and_then(|s| s.rss_kib());
 
@@ -252,12 +263,16 @@ async fn run(args: Args) -> Result<Report, String> {
         } else {
             plan.end_at(Duration::from_secs_f64(args.duration));
         }
-        let mut sent = publish(plan.clone(), start).await?;
+        let mut sent = publish(plan.clone(), mode, pool_max, start).await?;
         report.planned = plan.planned();
         report.publish_s = start.elapsed().as_secs_f64();
         report.published = sent.published();
         report.publish_requests = sent.requests;
         report.publish_errors = report::ranked(sent.errors);
+        report.publish_connections = sent.max_in_flight;
+        if let Some(h) = &sent.delay {
+            report.publish_delay_us = Latency::from_histogram(h);
+        }
         failed = sent.failed;
         sent.per_topic.resize(args.topics, 0);
         events_per_topic = sent.per_topic;
@@ -394,7 +409,12 @@ fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64
 /// Runs the publishers on a thread and runtime of their own, so that their
 /// pacing and their requests do not queue behind thousands of stream tasks:
 /// they should behave like an outside client of the server.
-async fn publish(plan: Arc<Plan>, start: Instant) -> Result<Sent, String> {
+async fn publish(
+    plan: Arc<Plan>,
+    mode: publisher::Mode,
+    pool_max: usize,
+    start: Instant,
+) -> Result<Sent, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("publishers".into())
@@ -404,6 +424,9 @@ async fn publish(plan: Arc<Plan>, start: Instant) -> Result<Sent, String> {
                 .build();
             let sent = rt.map_err(|e| e.to_string()).map(|rt| {
                 rt.block_on(async {
+                    if mode == publisher::Mode::Pool {
+                        return publisher::run_pool(plan, pool_max, start).await;
+                    }
                     let lanes: Vec<_> = (0..plan.publishers)
                         .map(|l| tokio::spawn(publisher::run(plan.clone(), l, start)))
                         .collect();
@@ -464,6 +487,7 @@ fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
         topics: args.topics,
         publishers,
         batch: args.pub_batch,
+        stamp: args.stamp,
         end_us: std::sync::atomic::AtomicU64::new(u64::MAX),
         grace: args.publish_grace,
         published: Default::default(),

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::payload;
@@ -82,6 +83,7 @@ pub struct Plan {
     pub topics: usize,
     pub publishers: usize,
     pub batch: usize,
+    pub stamp: Stamp,
     /// When the phase ends, in µs after its start (`u64::MAX`: not known
     /// yet; publish until it is).
     pub end_us: AtomicU64,
@@ -102,6 +104,10 @@ pub struct Sent {
     /// failed request may still have published them, so a stream that
     /// receives one has not received something unplanned.
     pub failed: Vec<u64>,
+    /// Due → sent, per event, µs: how long events waited in the publisher.
+    pub delay: Option<Histogram<u64>>,
+    /// Most requests in flight at once (pool mode: connections in use).
+    pub max_in_flight: u64,
 }
 
 /// Most failed sequence numbers remembered.
@@ -125,6 +131,14 @@ impl Sent {
         }
         let room = MAX_FAILED.saturating_sub(self.failed.len());
         self.failed.extend(o.failed.into_iter().take(room));
+        match (&mut self.delay, o.delay) {
+            (Some(a), Some(b)) => {
+                let _ = a.add(&b);
+            }
+            (a @ None, b) => *a = b,
+            (Some(_), None) => {}
+        }
+        self.max_in_flight += o.max_in_flight;
     }
 }
 
@@ -156,22 +170,199 @@ impl Plan {
     }
 }
 
-/// Publisher number `lane`, from `start` until its events are sent or the
-/// phase (plus grace) is over.
-pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
-    let mut sent = Sent {
-        per_topic: vec![0; plan.topics],
-        ..Sent::default()
-    };
-    let client = match reqwest::Client::builder()
+/// How events reach the server.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `L` publishers, each sending its share of the events one after
+    /// another on one keep-alive connection: a slow answer holds back that
+    /// publisher's next events (they are stamped when sent, so the wait is
+    /// not in the measured latency).
+    #[default]
+    Serial,
+    /// One dispatcher, as a publishing service with a connection pool: each
+    /// event, when due, goes out on an idle keep-alive connection; another
+    /// connection is opened (up to `--pool-max`) only when all are busy.
+    Pool,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Serial => "serial",
+            Mode::Pool => "pool",
+        }
+    }
+}
+
+/// What time an event's payload carries (the start of its measured
+/// latency).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Stamp {
+    /// Just before its request is sent: the latency leaves out how long the
+    /// event waited in the publisher for a connection.
+    #[default]
+    Sent,
+    /// When it was due by the schedule: the latency includes that wait
+    /// (what a service publishing at that moment would see).
+    Due,
+}
+
+/// One request's events, rendered.
+fn render(plan: &Plan, start: Instant, batch: &[u64], url: &mut String, body: &mut String) {
+    url.clear();
+    body.clear();
+    let topic0 = topic_name(batch[0], plan.topics);
+    plan.url.render(url, &topic0, |_| {});
+    if batch.len() > 1 {
+        body.push('[');
+    }
+    for (k, &s) in batch.iter().enumerate() {
+        if k > 0 {
+            body.push(',');
+        }
+        let mut micros = payload::unix_micros();
+        if plan.stamp == Stamp::Due {
+            let late = Instant::now().saturating_duration_since(plan.due(start, s));
+            micros = micros.saturating_sub(late.as_micros() as u64);
+        }
+        plan.body.render(body, &topic_name(s, plan.topics), |out| {
+            payload::write(out, s, micros, plan.size)
+        });
+    }
+    if batch.len() > 1 {
+        body.push(']');
+    }
+}
+
+/// Sends one request; `Err` says why it failed.
+async fn send(
+    plan: &Plan,
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+) -> Result<(), String> {
+    let result = client
+        .request(plan.method.clone(), url)
+        .header(reqwest::header::CONTENT_TYPE, plan.content_type.as_str())
+        .body(body)
+        .send()
+        .await;
+    match result {
+        Ok(res) => {
+            let status = res.status();
+            // Read the answer so the connection can be reused.
+            let _ = res.bytes().await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("HTTP {}", status.as_u16()))
+            }
+        }
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+impl Sent {
+    fn new(plan: &Plan) -> Sent {
+        Sent {
+            per_topic: vec![0; plan.topics],
+            delay: Some(new_histogram()),
+            ..Sent::default()
+        }
+    }
+
+    fn account(&mut self, plan: &Plan, batch: &[u64], outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                for &s in batch {
+                    self.per_topic[(s % plan.topics as u64) as usize] += 1;
+                }
+                plan.published.fetch_add(batch.len() as u64, Relaxed);
+            }
+            Err(why) => {
+                *self.errors.entry(why).or_default() += batch.len() as u64;
+                let room = MAX_FAILED.saturating_sub(self.failed.len());
+                self.failed.extend(batch.iter().take(room));
+            }
+        }
+    }
+
+    /// Records how late the batch's events went out (due → sent).
+    fn late(&mut self, plan: &Plan, start: Instant, batch: &[u64], now: Instant) {
+        for &s in batch {
+            let us = now
+                .saturating_duration_since(plan.due(start, s))
+                .as_micros() as u64;
+            if let Some(h) = &mut self.delay {
+                let _ = h.record(us.clamp(1, MAX_DELAY_US));
+            }
+        }
+    }
+}
+
+/// Most due → sent delay recorded, µs.
+const MAX_DELAY_US: u64 = 600_000_000;
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_DELAY_US, 3).expect("valid histogram bounds")
+}
+
+fn client(idle: usize) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
         .http1_only()
-        .pool_max_idle_per_host(1)
+        .pool_max_idle_per_host(idle)
         .timeout(Duration::from_secs(10))
         .build()
-    {
+        .map_err(|e| format!("client: {e}"))
+}
+
+/// The events due now, from `seq` on in steps of `stride`, at most
+/// `plan.batch`; advances `seq`.
+fn take_due(
+    plan: &Plan,
+    start: Instant,
+    now: Instant,
+    seq: &mut u64,
+    stride: u64,
+    batch: &mut Vec<u64>,
+) {
+    batch.clear();
+    while batch.len() < plan.batch && *seq < plan.planned() && plan.due(start, *seq) <= now {
+        batch.push(*seq);
+        *seq += stride;
+    }
+}
+
+/// Publisher number `lane` (`--publisher-mode serial`), from `start` until
+/// its events are sent or the phase (plus grace) is over.
+pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
+    let mut sent = Sent::new(&plan);
+    let client = match client(1) {
         Ok(c) => c,
         Err(e) => {
-            sent.errors.insert(format!("client: {e}"), 1);
+            sent.errors.insert(e, 1);
             return sent;
         }
     };
@@ -186,63 +377,74 @@ pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
         if plan.give_up(start).is_some_and(|at| now > at) {
             break;
         }
-        batch.clear();
-        while batch.len() < plan.batch && seq < plan.planned() && plan.due(start, seq) <= now {
-            batch.push(seq);
-            seq += stride;
-        }
-        url.clear();
-        body.clear();
-        let topic0 = topic_name(batch[0], plan.topics);
-        plan.url.render(&mut url, &topic0, |_| {});
-        if batch.len() > 1 {
-            body.push('[');
-        }
-        for (k, &s) in batch.iter().enumerate() {
-            if k > 0 {
-                body.push(',');
-            }
-            let micros = payload::unix_micros();
-            plan.body
-                .render(&mut body, &topic_name(s, plan.topics), |out| {
-                    payload::write(out, s, micros, plan.size)
-                });
-        }
-        if batch.len() > 1 {
-            body.push(']');
-        }
+        take_due(&plan, start, now, &mut seq, stride, &mut batch);
+        sent.late(&plan, start, &batch, Instant::now());
+        render(&plan, start, &batch, &mut url, &mut body);
         sent.requests += 1;
-        let result = client
-            .request(plan.method.clone(), url.as_str())
-            .header(reqwest::header::CONTENT_TYPE, plan.content_type.as_str())
-            .body(body.clone())
-            .send()
-            .await;
-        let outcome = match result {
-            Ok(res) => {
-                let status = res.status();
-                // Read the answer so the connection can be reused.
-                let _ = res.bytes().await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP {}", status.as_u16()))
-                }
-            }
-            Err(e) => Err(describe(&e)),
+        sent.max_in_flight = 1;
+        let outcome = send(&plan, &client, &url, body.clone()).await;
+        sent.account(&plan, &batch, outcome);
+    }
+    sent
+}
+
+/// `--publisher-mode pool`: every event in order from one dispatcher, each
+/// request on its own task as soon as it is due and a connection is free.
+/// At most `pool` requests are in flight, so the client's pool (idle
+/// connections kept: `pool`) reuses an idle connection when there is one
+/// and opens another only when all are busy. Events on different
+/// connections may overtake each other (out-of-order counts are expected).
+pub async fn run_pool(plan: Arc<Plan>, pool: usize, start: Instant) -> Sent {
+    let mut sent = Sent::new(&plan);
+    let client = match client(pool) {
+        Ok(c) => c,
+        Err(e) => {
+            sent.errors.insert(e, 1);
+            return sent;
+        }
+    };
+    let free = Arc::new(tokio::sync::Semaphore::new(pool));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut seq = 0;
+    let mut batch = Vec::with_capacity(plan.batch);
+    while seq < plan.planned() {
+        tokio::time::sleep_until(plan.due(start, seq)).await;
+        // Wait for a free connection: the due events wait here, and go out
+        // together (up to --pub-batch) once one is free.
+        let Ok(permit) = free.clone().acquire_owned().await else {
+            break;
         };
-        match outcome {
-            Ok(()) => {
-                for &s in &batch {
-                    sent.per_topic[(s % plan.topics as u64) as usize] += 1;
-                }
-                plan.published.fetch_add(batch.len() as u64, Relaxed);
+        let now = Instant::now();
+        if plan.give_up(start).is_some_and(|at| now > at) {
+            break;
+        }
+        take_due(&plan, start, now, &mut seq, 1, &mut batch);
+        if batch.is_empty() {
+            continue;
+        }
+        sent.late(&plan, start, &batch, now);
+        sent.max_in_flight = sent
+            .max_in_flight
+            .max((pool - free.available_permits()) as u64);
+        sent.requests += 1;
+        let (mut url, mut body) = (String::new(), String::new());
+        render(&plan, start, &batch, &mut url, &mut body);
+        let (plan2, client, events) = (plan.clone(), client.clone(), batch.clone());
+        tasks.spawn(async move {
+            let outcome = send(&plan2, &client, &url, body).await;
+            drop(permit);
+            (events, outcome)
+        });
+        // Collect what finished, so the set stays small.
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok((events, outcome)) = done {
+                sent.account(&plan, &events, outcome);
             }
-            Err(why) => {
-                *sent.errors.entry(why).or_default() += batch.len() as u64;
-                let room = MAX_FAILED.saturating_sub(sent.failed.len());
-                sent.failed.extend(batch.iter().take(room));
-            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((events, outcome)) = done {
+            sent.account(&plan, &events, outcome);
         }
     }
     sent

@@ -17,6 +17,13 @@ pub struct Report {
     pub duration_s: f64,
     pub size: usize,
     pub publishers: usize,
+    /// `serial` (--publishers connections, each event after the previous
+    /// one's answer) or `pool` (up to `pool_max` connections, an event on
+    /// an idle one).
+    pub publisher_mode: crate::publisher::Mode,
+    pub pool_max: Option<usize>,
+    /// What the latency is measured from: `sent` or `due` (--stamp).
+    pub stamp: crate::publisher::Stamp,
     pub source_addrs: usize,
 
     /// Streams open (HTTP 200 read) and failed, and how long opening took.
@@ -31,6 +38,13 @@ pub struct Report {
     pub publish_requests: u64,
     /// Events whose publish request failed, by reason.
     pub publish_errors: Vec<(String, u64)>,
+    /// Most requests in flight at once, summed over publishers: in pool
+    /// mode, the connections in use at the busiest moment.
+    pub publish_connections: u64,
+    /// Due → sent, per event, µs: how long events waited in the publisher
+    /// for a connection (not part of `latency_us`, which starts when the
+    /// payload is stamped, just before its request).
+    pub publish_delay_us: Latency,
     /// From the first publish to the last event sent.
     pub publish_s: f64,
 
@@ -236,6 +250,22 @@ fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {
 }
 
 impl Report {
+    /// The publisher mode, as the table shows it.
+    fn publisher(&self) -> String {
+        match (self.publisher_mode, self.pool_max) {
+            (crate::publisher::Mode::Pool, Some(max)) => format!(
+                "pool of {max} ({} connections used)",
+                self.publish_connections
+            ),
+            (mode, _) => format!("{} × {}", mode.name(), self.publishers),
+        }
+        .to_string()
+            + match self.stamp {
+                crate::publisher::Stamp::Sent => "",
+                crate::publisher::Stamp::Due => ", from due",
+            }
+    }
+
     /// The loss cell: missing share, then duplicates and reordering if any.
     fn loss(&self) -> String {
         let mut s = pct(self.missing, self.expected_deliveries);
@@ -272,13 +302,22 @@ impl Report {
                 (
                     "published",
                     format!(
-                        "{} of {} planned ({}) in {:.2} s, {} publishers, {} requests",
+                        "{} of {} planned ({}) in {:.2} s, {} requests",
                         self.published,
                         self.planned,
                         pct(self.published, self.planned),
                         self.publish_s,
-                        self.publishers,
                         self.publish_requests
+                    ),
+                ),
+                ("publisher", self.publisher()),
+                (
+                    "publish delay",
+                    format!(
+                        "due → sent p50 {}, p99 {}, max {}",
+                        us(self.publish_delay_us.p50),
+                        us(self.publish_delay_us.p99),
+                        us(self.publish_delay_us.max)
                     ),
                 ),
             ]);
@@ -434,6 +473,7 @@ impl Report {
 pub fn compare(reports: &[Report]) -> String {
     let header = [
         "peer",
+        "publisher",
         "published/planned",
         "deliveries/s",
         "loss",
@@ -460,6 +500,7 @@ pub fn compare(reports: &[Report]) -> String {
         };
         rows.push(vec![
             name,
+            r.publisher(),
             format!("{}/{}", r.published, r.planned),
             format!("{:.0}", r.deliveries_per_s),
             r.loss(),
@@ -471,7 +512,91 @@ pub fn compare(reports: &[Report]) -> String {
             opt(r.server_cpu_s.map(|v| format!("{v:.2}")), ""),
         ]);
     }
-    let cols = header.len();
+    render_rows(&rows)
+}
+
+/// Whether a run kept up: every planned event published, none lost, p99
+/// within `p99_us`.
+fn kept_up(r: &Report, p99_us: u64) -> bool {
+    r.planned > 0
+        && r.published >= r.planned
+        && r.missing == 0
+        && r.fatal == 0
+        && r.latency_us.count > 0
+        && r.latency_us.p99 <= p99_us
+}
+
+/// A rate sweep side by side: one row per rate, one column per label (runs
+/// in file order; a label's runs at increasing rates), then each label's
+/// knee: the highest deliveries/s of a run that kept up ([`kept_up`]).
+pub fn knees(reports: &[Report], p99_us: u64) -> String {
+    let mut labels: Vec<String> = Vec::new();
+    let mut rates: Vec<f64> = Vec::new();
+    for r in reports {
+        if !labels.contains(&r.label) {
+            labels.push(r.label.clone());
+        }
+        if !rates.contains(&r.rate) {
+            rates.push(r.rate);
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    let mut header = vec!["events/s".to_owned()];
+    header.extend(labels.iter().cloned());
+    let mut rows = vec![header];
+    let cell = |r: &Report| {
+        format!(
+            "{:.0}/s p99 {} {}{}",
+            r.deliveries_per_s,
+            us(r.latency_us.p99),
+            if r.published >= r.planned {
+                String::new()
+            } else {
+                format!("pub {}% ", r.published * 100 / r.planned.max(1))
+            },
+            if r.missing == 0 {
+                "ok".to_owned()
+            } else {
+                format!("lost {}", pct(r.missing, r.expected_deliveries))
+            }
+        )
+    };
+    for rate in &rates {
+        let mut row = vec![format!("{rate}")];
+        for l in &labels {
+            let runs: Vec<String> = reports
+                .iter()
+                .filter(|r| &r.label == l && r.rate == *rate)
+                .map(cell)
+                .collect();
+            row.push(if runs.is_empty() {
+                "-".into()
+            } else {
+                runs.join("; ")
+            });
+        }
+        rows.push(row);
+    }
+    let mut knee_row = vec![format!("knee (p99 ≤ {})", us(p99_us))];
+    for l in &labels {
+        let best = reports
+            .iter()
+            .filter(|r| &r.label == l && kept_up(r, p99_us))
+            .max_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+        knee_row.push(best.map_or("none kept up".into(), |r| {
+            format!(
+                "{:.0} deliveries/s (at {} events/s)",
+                r.deliveries_per_s, r.rate
+            )
+        }));
+    }
+    rows.push(knee_row);
+    render_rows(&rows)
+}
+
+/// A Markdown table of `rows` (the first is the header).
+fn render_rows(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
@@ -494,6 +619,38 @@ pub fn compare(reports: &[Report]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knee_is_the_most_deliveries_that_kept_up() {
+        let run = |label: &str, rate: f64, dps: f64, p99_ms: u64, missing: u64| Report {
+            label: label.into(),
+            rate,
+            planned: 100,
+            published: 100,
+            missing,
+            deliveries_per_s: dps,
+            latency_us: Latency {
+                count: 1,
+                p99: p99_ms * 1000,
+                ..Latency::default()
+            },
+            ..Report::default()
+        };
+        let runs = vec![
+            run("a", 100.0, 1000.0, 5, 0),
+            run("a", 200.0, 2000.0, 50, 0),
+            run("a", 400.0, 4000.0, 150, 0),
+            run("b", 100.0, 1000.0, 20, 0),
+            run("b", 200.0, 2000.0, 30, 7),
+            run("c", 100.0, 1000.0, 500, 0),
+        ];
+        let t = knees(&runs, 100_000);
+        let knee = t.lines().last().unwrap_or_default();
+        assert!(knee.contains("2000 deliveries/s (at 200 events/s)"), "{t}");
+        assert!(knee.contains("1000 deliveries/s (at 100 events/s)"), "{t}");
+        assert!(knee.contains("none kept up"), "{t}");
+        assert_eq!(t.lines().count(), 2 + 3 + 1, "{t}");
+    }
 
     #[test]
     fn drain_windows_peak_and_mean() {
