@@ -270,8 +270,9 @@ pub struct KafkaBus {
     /// The shared consumer; replaced after an outage (see the module doc),
     /// taken and dropped at shutdown.
     consumer: Mutex<Option<Arc<Cons>>>,
-    /// Metadata and watermarks (see [`Meta`]).
-    meta: Arc<Meta>,
+    /// Metadata and watermarks (see [`Meta`]); taken and dropped at
+    /// shutdown.
+    meta: Mutex<Option<Arc<Meta>>>,
     /// Asks the consume loop to replace the consumer.
     replace_consumer: tokio::sync::Notify,
     /// The producer; replaced after an outage or a failure, taken, flushed
@@ -427,7 +428,7 @@ impl KafkaBus {
             sse_of,
             kafka_of,
             consumer: Mutex::new(Some(Arc::new(consumer))),
-            meta,
+            meta: Mutex::new(Some(meta)),
             replace_consumer: tokio::sync::Notify::new(),
             producer: Mutex::new(Some(producer)),
             hub: Arc::downgrade(hub),
@@ -516,7 +517,12 @@ impl KafkaBus {
         &self,
         f: impl FnOnce(&Meta) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, BusError> {
-        let meta = self.meta.clone();
+        let meta = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| unavailable("the metadata client is closed"))?;
         tokio::task::spawn_blocking(move || f(&meta))
             .await
             .map_err(unavailable)?
@@ -655,8 +661,12 @@ impl KafkaBus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).take();
         let timeout = self.opts.timeout;
         let closed = tokio::task::spawn_blocking(move || {
+            // A watch call still running holds a clone: the last one drops
+            // it, on the blocking pool too.
+            drop(meta);
             if let Some(consumer) = consumer {
                 let _ = consumer.unassign();
                 // The watch may still hold it for a moment.
