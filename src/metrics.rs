@@ -343,6 +343,12 @@ impl Collector for KafkaCollector {
             "Records not delivered: copies of a record with the same Idempotency-Key already delivered",
             s.duplicates_dropped.load(Relaxed),
         )?;
+        counter(
+            &mut e,
+            "kafka_assignments",
+            "Times partitions were assigned to the consumer (every new partition of every topic at once)",
+            s.assignments.load(Relaxed),
+        )?;
         Ok(())
     }
 }

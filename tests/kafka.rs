@@ -706,3 +706,29 @@ async fn a_hung_broker_makes_ready_and_patch_say_503_and_loses_nothing() {
     assert_eq!(got.first().map(String::as_str), Some("before"));
     assert!(got.len() <= 3, "{got:?}");
 }
+
+/// Many topics become ready together: the first metadata round asks Kafka
+/// about every topic, then assigns every partition in one assignment (a
+/// round that assigned topic by topic waited behind the consumer's fetch
+/// long-poll for each, about a second per topic). Counted, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_topics_are_assigned_in_one_round() {
+    let broker = Tansu::start().await;
+    let names: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    for name in &names {
+        broker.create_topic(name, 1).await;
+    }
+    let gw = gateway(&broker, &names.join(","), "a", &[]).await;
+    let metrics = get_text(&gw.control_url("/metrics")).await;
+    assert!(
+        metrics.contains("streamline_kafka_assignments_total 1\n"),
+        "every topic assigned at once before /ready: {metrics}"
+    );
+    // The last topic is followed already: a stream on it opens at once and
+    // gets a record produced now.
+    let mut client = SseClient::connect(&gw.stream_url("topic=m29")).await;
+    produce(&broker.producer(), "m29", 0, b"last", None).await;
+    let got = client.events(1).await;
+    assert_eq!(got[0].data, "last");
+    assert_eq!(got[0].id.as_deref(), Some("m29:0-1"));
+}

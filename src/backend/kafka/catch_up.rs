@@ -22,6 +22,25 @@ use crate::id::Position;
 
 /// Events per page sent to the stream.
 const PAGE: usize = 500;
+/// Times a read goes on from the log's new start when the retention passes
+/// it while it reads, before it gives up with a gap.
+const RETRIMS: usize = 3;
+
+/// How a read from one point ended.
+enum Read {
+    /// With this final message, if any.
+    Done(Option<CatchUp>),
+    /// The log no longer holds the record after this position.
+    OutOfRange(Position),
+}
+
+/// Where the records deleted from the partition end, when that is past
+/// `after`: the position of the log's first record less one (its low
+/// watermark), at most `until`.
+fn trimmed(after: Position, until: Position, low: i64) -> Option<Position> {
+    let low = low.max(0) as u64;
+    (after.lo < low).then(|| Position::new(after.hi, low.min(until.lo)))
+}
 
 pub(super) struct Reader<'a> {
     pub opts: &'a KafkaOptions,
@@ -55,8 +74,8 @@ impl Reader<'_> {
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            // A resume point no longer in the log is a gap, never a silent
-            // jump.
+            // A point no longer in the log is told (`Read::OutOfRange`),
+            // never jumped over in silence.
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "true")
             .apply(&self.opts.config)
@@ -71,32 +90,63 @@ impl Reader<'_> {
         result
     }
 
+    /// Reads from `after`; when the retention passes the point being read
+    /// while reading, from the new start of the log (a few times at most).
     async fn read(
+        &self,
+        consumer: &Arc<StreamConsumer<Context>>,
+        mut after: Position,
+        until: Position,
+        tx: &mpsc::Sender<CatchUp>,
+    ) -> Option<CatchUp> {
+        for _ in 0..RETRIMS {
+            match self.read_from(consumer, after, until, tx).await {
+                Read::Done(last) => return last,
+                Read::OutOfRange(at) => after = at,
+            }
+        }
+        Some(CatchUp::Gap)
+    }
+
+    async fn read_from(
         &self,
         consumer: &Arc<StreamConsumer<Context>>,
         after: Position,
         until: Position,
         tx: &mpsc::Sender<CatchUp>,
-    ) -> Option<CatchUp> {
+    ) -> Read {
+        use Read::Done;
         let (topic, partition, timeout) = (self.topic, self.partition, self.opts.timeout);
         let c = consumer.clone();
         let owned = topic.to_owned();
         let low =
             tokio::task::spawn_blocking(move || c.fetch_watermarks(&owned, partition, timeout))
                 .await;
-        match low {
-            Ok(Ok((low, _))) if (after.lo as i64) < low => return Some(CatchUp::Gap),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Some(CatchUp::Failed(e.to_string())),
-            Err(e) => return Some(CatchUp::Failed(e.to_string())),
-        }
+        let from = match low {
+            Ok(Ok((low, _))) => match trimmed(after, until, low) {
+                None => after,
+                Some(upto) => {
+                    // Retention passed the resume point: the notice, then
+                    // every record Kafka still has (none when it passed the
+                    // ring's start too: the ring follows).
+                    if tx.send(CatchUp::Trimmed(upto)).await.is_err() || upto >= until {
+                        return Done(None);
+                    }
+                    upto
+                }
+            },
+            Ok(Err(e)) => return Done(Some(CatchUp::Failed(e.to_string()))),
+            Err(e) => return Done(Some(CatchUp::Failed(e.to_string()))),
+        };
         let mut tpl = TopicPartitionList::new();
         if let Err(e) = tpl
-            .add_partition_offset(topic, partition, Offset::Offset(after.lo as i64))
+            .add_partition_offset(topic, partition, Offset::Offset(from.lo as i64))
             .and_then(|()| consumer.assign(&tpl))
         {
-            return Some(CatchUp::Failed(e.to_string()));
+            return Done(Some(CatchUp::Failed(e.to_string())));
         }
+        // The last position sent (or about to be), to go on from.
+        let mut last = from;
         let mut page = Vec::new();
         let mut last_progress = tokio::time::Instant::now();
         loop {
@@ -110,31 +160,40 @@ impl Reader<'_> {
                             .await
                             .is_err()
                     {
-                        return None; // the client left
+                        return Done(None); // the client left
                     }
                     let wait = timeout.saturating_sub(last_progress.elapsed());
                     tokio::select! {
                         m = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()) => match m {
                             Ok(m) => m,
-                            Err(_) => return Some(CatchUp::Failed(format!(
+                            Err(_) => return Done(Some(CatchUp::Failed(format!(
                                 "Kafka gave no records within {timeout:?}"
-                            ))),
+                            )))),
                         },
-                        _ = tx.closed() => return None,
+                        _ = tx.closed() => return Done(None),
                     }
                 }
             };
             let m = match next {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(_)) => break,
-                Err(e) if is_out_of_range(&e) => return Some(CatchUp::Gap),
+                // Retention passed the point being read: go on from the
+                // log's new start, after the records already paged.
+                Err(e) if is_out_of_range(&e) => {
+                    if !page.is_empty() && tx.send(CatchUp::Events(page)).await.is_err() {
+                        return Done(None);
+                    }
+                    return Read::OutOfRange(last);
+                }
                 // Stop fetching before the broker comes back: it may no
                 // longer know the topic (see the module doc of `kafka`).
-                Err(e) if super::brokers_lost(&e) => return Some(CatchUp::Failed(e.to_string())),
+                Err(e) if super::brokers_lost(&e) => {
+                    return Done(Some(CatchUp::Failed(e.to_string())));
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "kafka catch-up consumer error");
                     if last_progress.elapsed() >= timeout {
-                        return Some(CatchUp::Failed(e.to_string()));
+                        return Done(Some(CatchUp::Failed(e.to_string())));
                     }
                     continue;
                 }
@@ -144,6 +203,7 @@ impl Reader<'_> {
             if pos > until {
                 break;
             }
+            last = pos;
             if !first_copy(self.dedup, &m, &pos.id_in(self.sse)) {
                 self.stats.duplicates_dropped.fetch_add(1, Relaxed);
             } else if let Some((event, data)) = decode(&m, &self.opts.event_header) {
@@ -165,13 +225,13 @@ impl Reader<'_> {
                     .await
                     .is_err()
             {
-                return None;
+                return Done(None);
             }
         }
         if !page.is_empty() && tx.send(CatchUp::Events(page)).await.is_err() {
-            return None;
+            return Done(None);
         }
-        None
+        Done(None)
     }
 }
 
@@ -180,4 +240,25 @@ fn is_out_of_range(e: &KafkaError) -> bool {
         e.rdkafka_error_code(),
         Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Decided here, not against a broker: Tansu 0.6.0 (the tests' broker)
+    // applies no retention, and its DeleteRecords handler panics and drops
+    // the connection, so its low watermark never moves.
+    #[test]
+    fn a_resume_point_below_the_low_watermark_is_trimmed_up_to_it() {
+        let (after, until) = (Position::new(2, 10), Position::new(2, 50));
+        // Offsets 0..20 deleted: records from offset 20 (position 21) on.
+        assert_eq!(trimmed(after, until, 20), Some(Position::new(2, 20)));
+        // Nothing deleted past the resume point.
+        assert_eq!(trimmed(after, until, 10), None);
+        assert_eq!(trimmed(after, until, 0), None);
+        assert_eq!(trimmed(after, until, -1), None);
+        // Deleted past the ring's start too: nothing left to read back.
+        assert_eq!(trimmed(after, until, 70), Some(until));
+    }
 }

@@ -16,7 +16,10 @@
 //!   short-lived consumer owned by the stream ([`catch_up`]).
 //! - A periodic metadata fetch tells whether a PATCH would be accepted now
 //!   (`/ready`), finds partitions added later (their rings start at offset
-//!   0) and measures lag.
+//!   0) and measures lag. It asks on a client of its own, never assigned
+//!   (a request on the consumer's connection waits behind its fetch
+//!   long-poll), about every topic first, and then assigns every new
+//!   partition at once: start-up takes one round, however many topics.
 //! - **Faults**: when every broker is lost, the consumer is replaced by a
 //!   fresh, unassigned one and the producer by a fresh one once Kafka is back,
 //!   so no client carries topic ids, producer ids or sequence numbers from
@@ -46,7 +49,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -142,6 +145,9 @@ pub struct KafkaStats {
     pub catch_ups_running: AtomicI64,
     /// Records dropped as copies of a keyed record already delivered.
     pub duplicates_dropped: AtomicU64,
+    /// Partition assignments made (each round assigns every new partition
+    /// of every topic at once).
+    pub assignments: AtomicU64,
 }
 
 impl KafkaStats {
@@ -251,6 +257,10 @@ impl ClientContext for Context {
 impl ConsumerContext for Context {}
 
 type Cons = StreamConsumer<Context>;
+/// The client that asks for metadata and watermarks: never assigned, so
+/// its requests never wait behind a fetch long-poll (`fetch.wait.max.ms`)
+/// on the broker's connection, and it never fetches (module doc).
+type Meta = BaseConsumer<Context>;
 
 pub struct KafkaBus {
     opts: KafkaOptions,
@@ -260,6 +270,9 @@ pub struct KafkaBus {
     /// The shared consumer; replaced after an outage (see the module doc),
     /// taken and dropped at shutdown.
     consumer: Mutex<Option<Arc<Cons>>>,
+    /// Metadata and watermarks (see [`Meta`]); taken and dropped at
+    /// shutdown.
+    meta: Mutex<Option<Arc<Meta>>>,
     /// Asks the consume loop to replace the consumer.
     replace_consumer: tokio::sync::Notify,
     /// The producer; replaced after an outage or a failure, taken, flushed
@@ -394,6 +407,7 @@ impl KafkaBus {
         tracker: tokio_util::task::TaskTracker,
     ) -> Result<Arc<KafkaBus>, BusError> {
         let consumer = opts.consumer()?;
+        let meta = Arc::new(opts.meta()?);
         let producer = opts.producer()?;
         let sse_of = opts
             .topics
@@ -414,6 +428,7 @@ impl KafkaBus {
             sse_of,
             kafka_of,
             consumer: Mutex::new(Some(Arc::new(consumer))),
+            meta: Mutex::new(Some(meta)),
             replace_consumer: tokio::sync::Notify::new(),
             producer: Mutex::new(Some(producer)),
             hub: Arc::downgrade(hub),
@@ -491,6 +506,24 @@ impl KafkaBus {
             .consumer()
             .ok_or_else(|| unavailable("the consumer is closed"))?;
         tokio::task::spawn_blocking(move || f(&consumer))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+
+    /// Runs a blocking librdkafka call on the metadata client off the
+    /// runtime.
+    async fn meta_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Meta) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, BusError> {
+        let meta = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| unavailable("the metadata client is closed"))?;
+        tokio::task::spawn_blocking(move || f(&meta))
             .await
             .map_err(unavailable)?
             .map_err(unavailable)
@@ -628,8 +661,12 @@ impl KafkaBus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).take();
         let timeout = self.opts.timeout;
         let closed = tokio::task::spawn_blocking(move || {
+            // A watch call still running holds a clone: the last one drops
+            // it, on the blocking pool too.
+            drop(meta);
             if let Some(consumer) = consumer {
                 let _ = consumer.unassign();
                 // The watch may still hold it for a moment.
@@ -752,56 +789,51 @@ impl KafkaBus {
             usable: true,
             gone: false,
         };
-        for map in &self.opts.topics {
-            let topic = map.kafka.clone();
-            let md = self
-                .blocking(move |c| c.fetch_metadata(Some(&topic), timeout))
-                .await?;
-            let (partitions, leaderless) = {
-                let found = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == map.kafka && t.error().is_none());
-                let partitions: Vec<i32> = found
-                    .iter()
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                let leaderless =
-                    found.is_some_and(|t| t.partitions().iter().any(|p| p.leader() < 0));
-                (partitions, leaderless)
-            };
-            drop(md);
-            self.note_missing(&map.kafka, partitions.is_empty());
-            if partitions.is_empty() {
+        // Everything Kafka is asked first, for every topic, then one
+        // assignment: once the consumer has partitions, each request on
+        // its connections waits behind its fetch long-poll, so a round
+        // that assigned topic by topic took about a second per topic.
+        let wanted: Vec<(String, HashSet<i32>)> = self
+            .opts
+            .topics
+            .iter()
+            .map(|m| {
+                let known = assigned.get(&m.kafka).cloned().unwrap_or_default();
+                (m.kafka.clone(), known)
+            })
+            .collect();
+        let found = self
+            .meta_blocking(move |c| {
+                wanted
+                    .into_iter()
+                    .map(|(topic, known)| TopicState::fetch(c, topic, &known, timeout))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut tpl = TopicPartitionList::new();
+        let mut added: Vec<(&TopicMap, Vec<i32>, bool, bool)> = Vec::new();
+        for (map, state) in self.opts.topics.iter().zip(found) {
+            self.note_missing(&map.kafka, state.partitions.is_empty());
+            if state.partitions.is_empty() {
                 synced.usable = false;
                 // Assigned partitions of a topic that is gone: the consumer
                 // must not fetch them (module doc).
                 synced.gone |= assigned.get(&map.kafka).is_some_and(|a| !a.is_empty());
                 continue;
             }
-            synced.usable &= !leaderless;
-            let known = assigned.get(&map.kafka);
-            let new: Vec<i32> = partitions
-                .iter()
-                .copied()
-                .filter(|p| known.is_none_or(|k| !k.contains(p)))
-                .collect();
-            if new.is_empty() {
+            synced.usable &= !state.leaderless;
+            if state.marks.is_empty() {
                 continue;
             }
             // First time this replica sees the topic: no ring of it exists.
-            let first = partitions
+            let first = state
+                .partitions
                 .iter()
                 .all(|&p| hub.ring_head(&ring_key(&map.sse, p)).is_none());
-            let mut tpl = TopicPartitionList::new();
-            let mut added = Vec::with_capacity(new.len());
+            let mut new = Vec::with_capacity(state.marks.len());
             let mut resumed = false;
-            for p in new {
+            for (p, (low, high)) in state.marks {
                 let key = ring_key(&map.sse, p);
-                let topic = map.kafka.clone();
-                let (low, high) = self
-                    .blocking(move |c| c.fetch_watermarks(&topic, p, timeout))
-                    .await?;
                 let (low, high) = (low.max(0) as u64, high.max(0) as u64);
                 // A high watermark below the ring's head: the log restarted —
                 // unless the record at the head is still there (Tansu's S3
@@ -839,18 +871,27 @@ impl KafkaBus {
                 };
                 tpl.add_partition_offset(&map.kafka, p, Offset::Offset(from as i64))
                     .map_err(unavailable)?;
-                added.push(p);
+                new.push(p);
             }
-            if added.is_empty() {
-                continue;
+            if !new.is_empty() {
+                added.push((map, new, resumed, first));
             }
-            self.blocking(move |c| c.incremental_assign(&tpl)).await?;
+        }
+        if added.is_empty() {
+            return Ok(synced);
+        }
+        self.blocking(move |c| c.incremental_assign(&tpl)).await?;
+        self.stats.assignments.fetch_add(1, Relaxed);
+        for (map, partitions, resumed, first) in added {
             if resumed {
-                tracing::info!(topic = %map.kafka, partitions = ?added, "following kafka partitions again");
+                tracing::info!(topic = %map.kafka, partitions = ?partitions, "following kafka partitions again");
             } else if !first {
-                tracing::info!(topic = %map.kafka, partitions = ?added, "following new kafka partitions");
+                tracing::info!(topic = %map.kafka, partitions = ?partitions, "following new kafka partitions");
             }
-            assigned.entry(map.kafka.clone()).or_default().extend(added);
+            assigned
+                .entry(map.kafka.clone())
+                .or_default()
+                .extend(partitions);
         }
         Ok(synced)
     }
@@ -944,7 +985,7 @@ impl KafkaBus {
         }
         let timeout = self.opts.timeout;
         let lags = self
-            .blocking(move |c| {
+            .meta_blocking(move |c| {
                 let mut lags = BTreeMap::new();
                 for (topic, p, next) in partitions {
                     let (_, high) = c.fetch_watermarks(&topic, p, timeout)?;
@@ -956,6 +997,45 @@ impl KafkaBus {
         if let Ok(lags) = lags {
             *self.stats.lag.lock().unwrap_or_else(|e| e.into_inner()) = lags;
         }
+    }
+}
+
+/// What Kafka says of one configured topic, asked off the runtime.
+struct TopicState {
+    /// Empty when the topic does not exist.
+    partitions: Vec<i32>,
+    /// A partition has no leader.
+    leaderless: bool,
+    /// The (low, high) watermarks of each partition not assigned yet.
+    marks: Vec<(i32, (i64, i64))>,
+}
+
+impl TopicState {
+    fn fetch(
+        c: &Meta,
+        topic: String,
+        known: &HashSet<i32>,
+        timeout: Duration,
+    ) -> Result<TopicState, KafkaError> {
+        let md = c.fetch_metadata(Some(&topic), timeout)?;
+        let found = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none());
+        let partitions: Vec<i32> = found
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let leaderless = found.is_some_and(|t| t.partitions().iter().any(|p| p.leader() < 0));
+        let mut marks = Vec::new();
+        for &p in partitions.iter().filter(|p| !known.contains(p)) {
+            marks.push((p, c.fetch_watermarks(&topic, p, timeout)?));
+        }
+        Ok(TopicState {
+            partitions,
+            leaderless,
+            marks,
+        })
     }
 }
 
@@ -1139,6 +1219,14 @@ impl KafkaOptions {
             .map_err(unavailable)
     }
 
+    fn meta(&self) -> Result<Meta, BusError> {
+        self.client_config()
+            .set("client.id", format!("streamline-{}-meta", self.replica_id))
+            .apply(&self.config)
+            .create_with_context(Context::default())
+            .map_err(unavailable)
+    }
+
     fn producer(&self) -> Result<LiveProducer, BusError> {
         let timeout_ms = self.timeout.as_millis().max(1).to_string();
         let health = Arc::new(Health::default());
@@ -1314,7 +1402,7 @@ impl Bus for KafkaBus {
             let timeout = bus.opts.timeout;
             let topic_name = topic.clone();
             let high = bus
-                .blocking(move |c| c.fetch_watermarks(&topic, partition, timeout))
+                .meta_blocking(move |c| c.fetch_watermarks(&topic, partition, timeout))
                 .await;
             // Beyond the high watermark, and no record there (the
             // watermark alone is not trusted, see `sync_partitions`). When
