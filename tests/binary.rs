@@ -212,3 +212,62 @@ async fn replicas_without_a_bus_say_so_at_start_and_when_a_client_crosses_over()
     }
     assert_eq!(again, 0, "told once per run");
 }
+
+/// Text logs off a terminal carry no colour codes, and a stream's lines carry
+/// its client id and topics as fields of its span, from open to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_have_no_colour_codes_and_name_the_stream() {
+    let mut gw = BinaryGateway::start_text(&[], "streamline=debug").await;
+    let mut s = SseClient::connect(&gw.stream_url("topic=alpha&topic=beta")).await;
+    let client = s.client_id().await;
+    let mut seen = Vec::new();
+    let opened = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = gw.logs.recv().await.expect("streamline exited");
+            let line = line.as_str().expect("a text line").to_string();
+            seen.push(line.clone());
+            if line.contains("stream opened") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no \"stream opened\" line in time:\n{}", seen.join("\n")));
+    assert!(
+        opened.contains(&format!("client={client}")),
+        "the span names the client: {opened}"
+    );
+    assert!(
+        opened.contains(r#"topics=["alpha", "beta"]"#),
+        "the span names the topics: {opened}"
+    );
+    assert!(opened.contains("remote=127.0.0.1:"), "{opened}");
+    // A control request: one DEBUG line with its status, in its span.
+    publish_to(&http(), gw.control, &json!({"topic": "alpha", "data": "x"})).await;
+    let answered = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = gw.logs.recv().await.expect("streamline exited");
+            let line = line.as_str().expect("a text line").to_string();
+            seen.push(line.clone());
+            if line.contains("answered") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a control request is logged at debug");
+    assert!(answered.contains("DEBUG"), "{answered}");
+    assert!(answered.contains("method=PATCH"), "{answered}");
+    assert!(answered.contains("route=/events"), "{answered}");
+    assert!(answered.contains("status=202"), "{answered}");
+    assert!(answered.contains("latency_us="), "{answered}");
+    drop(s);
+    gw.signal("TERM");
+    gw.wait_exit().await;
+    while let Some(line) = gw.logs.recv().await {
+        seen.push(line.as_str().unwrap_or_default().to_string());
+    }
+    for line in &seen {
+        assert!(!line.contains('\u{1b}'), "a colour code in {line:?}");
+    }
+}

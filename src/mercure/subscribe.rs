@@ -316,9 +316,10 @@ pub(crate) async fn open(
         // The subscriber is known once the hub has named the stream.
         a.opened(&filter.selectors, sub.client().id());
     }
+    let selectors: Vec<&str> = filter.selectors.iter().map(|s| s.as_str()).collect();
+    crate::stream::record_stream(sub.client().id(), &selectors);
     drop(filter);
     tracing::debug!(
-        client = %sub.client().id(),
         %client_ip,
         "mercure subscription opened"
     );

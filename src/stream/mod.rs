@@ -38,7 +38,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -114,7 +114,7 @@ const MIN_BUF_SIZE: usize = 8192;
 /// hyper's connection builders, one per protocol ([`sniff`] tells which).
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamSpans>,
 }
 
 impl Builders {
@@ -127,7 +127,7 @@ impl Builders {
         h1.timer(TokioTimer::new())
             .header_read_timeout(options.header_read_timeout)
             .max_buf_size(options.max_header_size.max(MIN_BUF_SIZE));
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(StreamSpans);
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(options.h2_max_streams)
             .max_header_list_size(u32::try_from(options.max_header_size).unwrap_or(u32::MAX));
@@ -159,7 +159,14 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, options: StreamOptions,
         // Events are small and latency matters more than packet count;
         // the frames queued by the time a write starts go out in one.
         let _ = stream.set_nodelay(true);
-        let span = tracing::info_span!("conn", %remote);
+        // `client` and `topics` are known once a stream opens (HTTP/1: at
+        // most one per connection); see `record_stream`.
+        let span = tracing::info_span!(
+            "conn",
+            %remote,
+            client = tracing::field::Empty,
+            topics = tracing::field::Empty,
+        );
         match limits.admit(remote.ip()) {
             Admission::Serve(permit) => {
                 let task = connection(
@@ -483,6 +490,39 @@ async fn handle(
     res
 }
 
+/// Names the stream on its span (the connection's for HTTP/1, the HTTP/2
+/// stream's own, see [`StreamSpans`]): every later line about it, to its
+/// close, carries its client id and topics. Once per stream, nothing per
+/// event.
+pub(crate) fn record_stream(client: &str, topics: &dyn std::fmt::Debug) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("client", tracing::field::display(client));
+        span.record("topics", tracing::field::debug(topics));
+    }
+}
+
+/// hyper's executor for a connection's HTTP/2 streams: each in a span of its
+/// own, a child of the connection's (which names the remote address), for
+/// [`record_stream`] to name.
+#[derive(Clone, Copy)]
+struct StreamSpans;
+
+impl<F> hyper::rt::Executor<F> for StreamSpans
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let span = tracing::info_span!(
+            "stream",
+            client = tracing::field::Empty,
+            topics = tracing::field::Empty,
+        );
+        tokio::spawn(fut.instrument(span));
+    }
+}
+
 async fn open_stream(
     req: &Request<Incoming>,
     remote: SocketAddr,
@@ -537,10 +577,9 @@ async fn open_stream(
         expires_at,
     };
     let sub = hub.subscribe(&parsed.topics, parsed.resume.as_ref(), meta)?;
+    record_stream(sub.client().id(), &parsed.topics);
     tracing::debug!(
-        client = %sub.client().id(),
         %client_ip,
-        topics = ?parsed.topics,
         query = %auth::redact_query(uri.query().unwrap_or("")),
         "stream opened"
     );

@@ -356,10 +356,19 @@ impl BinaryGateway {
 
     /// Starts with `RUST_LOG=filter` (e.g. `streamline=debug`).
     pub async fn start_logging(extra: &[&str], filter: &str) -> BinaryGateway {
+        Self::start_as(extra, filter, "json").await
+    }
+
+    /// Starts with `--log-format text`: `logs` gets each line as a string.
+    pub async fn start_text(extra: &[&str], filter: &str) -> BinaryGateway {
+        Self::start_as(extra, filter, "text").await
+    }
+
+    async fn start_as(extra: &[&str], filter: &str, format: &str) -> BinaryGateway {
         let mut args = base_args();
         args.remove(0);
         args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(["--log-format".into(), "json".into()]);
+        args.extend(["--log-format".into(), format.into()]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamline"))
             .args(&args)
             .env("RUST_LOG", filter)
@@ -385,6 +394,14 @@ impl BinaryGateway {
                 let line = rx.recv().await.expect("streamline exited before listening");
                 if line["message"] == "streamline listening" {
                     return line;
+                }
+                // A text line: `… streamline listening control_addr=… stream_addr=…`.
+                if let Some(text) = line.as_str().filter(|l| l.contains("streamline listening")) {
+                    let fields = text
+                        .split_whitespace()
+                        .filter_map(|f| f.split_once('='))
+                        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())));
+                    return Value::Object(fields.collect());
                 }
             }
         })
