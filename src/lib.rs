@@ -33,8 +33,6 @@
 //! stream plane ([`stream::serve`]) in your own tokio application; see
 //! `examples/embed.rs`.
 
-#![forbid(unsafe_code)]
-
 pub mod auth;
 pub mod backend;
 pub mod client_ip;

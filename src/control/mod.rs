@@ -108,51 +108,44 @@ pub fn router(state: ControlState, max_body: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(access, auth::guard))
-        .layer(request_trace())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(request_answered)
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
         .with_state(Arc::new(state))
 }
 
-/// A DEBUG span per request (method, path, matched route) and one DEBUG line
-/// when it is answered (status, latency), both in this crate's target so
+/// The router's trace layer: a DEBUG span per request (method, path, matched
+/// route) and one DEBUG line when it is answered (status, latency), both in this crate's target so
 /// `RUST_LOG=streamline=debug` shows them. Nothing at INFO: publishers may
 /// send thousands of PATCHes a second. No failure line either: a 5xx is in
 /// the answered line already, and a backend outage would otherwise log an
 /// ERROR per request.
-fn request_trace() -> tower_http::trace::TraceLayer<
-    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
-    fn(&http::Request<axum::body::Body>) -> tracing::Span,
-    (),
-    fn(&Response, std::time::Duration, &tracing::Span),
-    (),
-    (),
-    (),
-> {
-    fn span(req: &http::Request<axum::body::Body>) -> tracing::Span {
-        let route = req
-            .extensions()
-            .get::<axum::extract::MatchedPath>()
-            .map(|p| tracing::field::display(p.as_str()));
-        tracing::debug_span!(
-            "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            route,
-        )
-    }
-    fn answered(res: &Response, latency: std::time::Duration, _: &tracing::Span) {
-        tracing::debug!(
-            status = res.status().as_u16(),
-            latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-            "answered"
-        );
-    }
-    tower_http::trace::TraceLayer::new_for_http()
-        .make_span_with(span as fn(&http::Request<axum::body::Body>) -> tracing::Span)
-        .on_request(())
-        .on_response(answered as fn(&Response, std::time::Duration, &tracing::Span))
-        .on_body_chunk(())
-        .on_eos(())
-        .on_failure(())
+fn request_span(req: &http::Request<axum::body::Body>) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| tracing::field::display(p.as_str()));
+    tracing::debug_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        route,
+    )
+}
+
+/// The trace layer's line for an answered request (see [`request_span`]).
+fn request_answered(res: &Response, latency: std::time::Duration, _: &tracing::Span) {
+    tracing::debug!(
+        status = res.status().as_u16(),
+        latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        "answered"
+    );
 }
 
 /// What handlers get: axum clones the state for every request, and one

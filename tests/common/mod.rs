@@ -2,7 +2,7 @@
 //! (in-process or the real binary), an SSE client over real sockets, and
 //! condition waits with deadlines (never bare sleeps).
 
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses only some of these helpers")]
 
 pub mod browser;
 pub mod kafka;
