@@ -186,3 +186,36 @@ fn the_code_map_names_every_module() {
         "not in ARCHITECTURE.md's code map: {missing:?}"
     );
 }
+
+/// ARCHITECTURE.md's error section names every code of PROTOCOL.md's error
+/// table (which tests/docs.rs checks against the source).
+#[test]
+fn the_error_section_names_every_code() {
+    let read = |rel: &str| {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+    };
+    let protocol = read("proto-docs/PROTOCOL.md");
+    let table = protocol
+        .split("\n## Errors")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("PROTOCOL.md's error table");
+    let codes: BTreeSet<&str> = table
+        .lines()
+        .filter_map(|l| l.split('|').nth(2))
+        .map(str::trim)
+        .filter(|c| c.starts_with('`'))
+        .collect();
+    assert!(codes.len() >= 20, "found only {codes:?}");
+    let doc = read("proto-docs/ARCHITECTURE.md");
+    let section = doc
+        .split("\n### `src/error.rs`")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("ARCHITECTURE.md's error section");
+    let missing: Vec<_> = codes.iter().filter(|c| !section.contains(**c)).collect();
+    assert!(
+        missing.is_empty(),
+        "not in ARCHITECTURE.md's error section: {missing:?}"
+    );
+}
