@@ -219,3 +219,35 @@ fn the_error_section_names_every_code() {
         "not in ARCHITECTURE.md's error section: {missing:?}"
     );
 }
+
+/// ARCHITECTURE.md's metrics section names every series src/metrics.rs
+/// exports (a name is the string literal before its help text).
+#[test]
+fn the_metrics_section_names_every_series() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();
+    let doc = std::fs::read_to_string(root.join("proto-docs/ARCHITECTURE.md")).unwrap();
+    let section = doc
+        .split("\n### `src/metrics.rs`")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("ARCHITECTURE.md's metrics section");
+    let lines: Vec<&str> = src.lines().map(str::trim).collect();
+    let names: BTreeSet<&str> = lines
+        .windows(2)
+        .filter(|w| {
+            w[1].starts_with('"') && w[1][1..].starts_with(|c: char| c.is_ascii_uppercase())
+        })
+        .filter_map(|w| w[0].strip_prefix('"')?.strip_suffix("\","))
+        .filter(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert!(names.len() >= 20, "found only {names:?}");
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !section.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in ARCHITECTURE.md's metrics section: {missing:?}"
+    );
+}
