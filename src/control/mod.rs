@@ -267,13 +267,7 @@ async fn list_clients(
     };
     if let (true, Some(registry)) = (cluster, &s.cluster) {
         let mut all = registry.list().await?;
-        all.retain(|c| {
-            let topics: Vec<Arc<str>> = c["topics"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|t| t.as_str()).map(Arc::from).collect())
-                .unwrap_or_default();
-            wanted(&topics)
-        });
+        all.retain(|c| wanted(&c.topics));
         return Ok(Json(json!({ "clients": all })).into_response());
     }
     let mut clients = s.hub.clients();

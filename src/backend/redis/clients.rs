@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 
-use super::{BACKOFF_MAX, BACKOFF_MIN, RedisBus, now_ms, unavailable};
+use super::{BACKOFF_MAX, BACKOFF_MIN, RedisBus, bounded, now_ms, unavailable};
 use crate::backend::BusError;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -71,10 +71,7 @@ impl ClusterClients {
 
     async fn run<T: redis::FromRedisValue>(&self, q: impl QueryAsync<T>) -> Result<T, BusError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, q.query(&mut conn)).await {
-            Ok(r) => r.map_err(unavailable),
-            Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
-        }
+        bounded(self.timeout, q.query(&mut conn), unavailable, unavailable).await
     }
 
     /// Starts the refresh and kick listener; on stop, deregisters.
@@ -206,19 +203,18 @@ impl ClusterClients {
         self.run(cmd).await
     }
 
-    /// Every replica's clients, each with a `replica` field.
-    pub async fn list(&self) -> Result<Vec<serde_json::Value>, BusError> {
+    /// Every replica's clients.
+    pub async fn list(&self) -> Result<Vec<ClusterClient>, BusError> {
         let mut out = Vec::new();
         for replica in self.live_replicas().await? {
             let mut cmd = redis::cmd("HVALS");
             cmd.arg(self.hash(&replica));
             let entries: Vec<String> = self.run(cmd).await?;
-            for entry in entries {
-                if let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str(&entry) {
-                    obj.insert("replica".into(), replica.clone().into());
-                    out.push(serde_json::Value::Object(obj));
-                }
-            }
+            out.extend(
+                entries
+                    .iter()
+                    .filter_map(|e| ClusterClient::parse(e, &replica)),
+            );
         }
         Ok(out)
     }
@@ -282,6 +278,45 @@ fn entry(c: &crate::hub::Client) -> String {
         obj.remove("bytes_sent");
     }
     info.to_string()
+}
+
+/// A stream as the cluster registry lists it.
+#[derive(Debug, Clone)]
+pub struct ClusterClient {
+    /// The replica that holds it.
+    pub replica: String,
+    /// Its topics (`GET /clients?topic=` filters on them).
+    pub topics: Vec<Arc<str>>,
+    /// The entry as its replica wrote it (a `ClientInfo`, kept whole so the
+    /// fields of a replica of another version pass through), `replica`
+    /// added: what `GET /clients?scope=cluster` shows.
+    entry: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ClusterClient {
+    /// `None` for an entry that is not a JSON object (it is skipped).
+    fn parse(entry: &str, replica: &str) -> Option<ClusterClient> {
+        let serde_json::Value::Object(mut entry) = serde_json::from_str(entry).ok()? else {
+            return None;
+        };
+        let topics = entry
+            .get("topics")
+            .and_then(|t| t.as_array())
+            .map(|a| a.iter().filter_map(|t| t.as_str()).map(Arc::from).collect())
+            .unwrap_or_default();
+        entry.insert("replica".into(), replica.into());
+        Some(ClusterClient {
+            replica: replica.into(),
+            topics,
+            entry,
+        })
+    }
+}
+
+impl serde::Serialize for ClusterClient {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.entry.serialize(s)
+    }
 }
 
 /// Commands and pipelines, run the same way.

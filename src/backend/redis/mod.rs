@@ -130,6 +130,21 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
     }
 }
 
+/// A Redis call bounded by `--redis-timeout`, its error mapped by `failed`
+/// and no answer in time by `late` (`unavailable` where nothing can have
+/// been written, `outcome_unknown` where a publish may have run).
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+    failed: impl FnOnce(redis::RedisError) -> BusError,
+    late: fn(String) -> BusError,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r.map_err(failed),
+        Err(_) => Err(late(format!("no answer within {timeout:?}"))),
+    }
+}
+
 fn outcome_unknown(e: impl std::fmt::Display) -> BusError {
     BusError::OutcomeUnknown {
         backend: "redis",
@@ -241,14 +256,8 @@ impl RedisBus {
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.opts.timeout, cmd.query_async(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable(format!(
-                "no answer within {:?}",
-                self.opts.timeout
-            ))),
-        }
+        let call = cmd.query_async(&mut conn);
+        bounded(self.opts.timeout, call, unavailable, unavailable).await
     }
 
     /// From `XINFO STREAM`: the newest id ever generated and the newest id
@@ -513,17 +522,11 @@ impl Bus for RedisBus {
                 cmd.arg("d").arg(&ev.data);
             }
             let mut conn = self.conn.clone();
+            let call = pipe.query_async(&mut conn);
+            // An error inside EXEC leaves the other appends in place.
+            let failed = |e| publish_failure(e, false);
             let ids: Vec<String> =
-                match tokio::time::timeout(self.opts.timeout, pipe.query_async(&mut conn)).await {
-                    // An error inside EXEC leaves the other appends in place.
-                    Ok(r) => r.map_err(|e| publish_failure(e, false))?,
-                    Err(_) => {
-                        return Err(outcome_unknown(format!(
-                            "no answer within {:?}",
-                            self.opts.timeout
-                        )));
-                    }
-                };
+                bounded(self.opts.timeout, call, failed, outcome_unknown).await?;
             Ok(events
                 .iter()
                 .zip(ids)
@@ -557,16 +560,10 @@ impl Bus for RedisBus {
                 cmd.arg(&ev.data);
             }
             let mut conn = self.conn.clone();
+            let call = cmd.query_async(&mut conn);
+            let failed = |e| publish_failure(e, true);
             let (appended, record): (i64, String) =
-                match tokio::time::timeout(self.opts.timeout, cmd.query_async(&mut conn)).await {
-                    Ok(r) => r.map_err(|e| publish_failure(e, true))?,
-                    Err(_) => {
-                        return Err(outcome_unknown(format!(
-                            "no answer within {:?}",
-                            self.opts.timeout
-                        )));
-                    }
-                };
+                bounded(self.opts.timeout, call, failed, outcome_unknown).await?;
             let mut parts = record.split(' ');
             let fingerprint = parts.next().unwrap_or_default();
             let entry_ids: Vec<&str> = parts.collect();
