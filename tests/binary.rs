@@ -242,6 +242,31 @@ async fn text_logs_have_no_colour_codes_and_name_the_stream() {
         "the span names the topics: {opened}"
     );
     assert!(opened.contains("remote=127.0.0.1:"), "{opened}");
+    // An HTTP/2 stream: a span of its own inside its connection's.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut s2 = SseClient::connect_with(&h2, &gw.stream_url("topic=gamma"), None).await;
+    let client2 = s2.client_id().await;
+    let opened2 = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = gw.logs.recv().await.expect("streamline exited");
+            let line = line.as_str().expect("a text line").to_string();
+            seen.push(line.clone());
+            if line.contains("stream opened") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("an HTTP/2 \"stream opened\" line");
+    assert!(
+        opened2.contains(&format!(r#"stream{{client={client2} topics=["gamma"]}}"#)),
+        "the HTTP/2 stream's span names it: {opened2}"
+    );
+    assert!(opened2.contains("conn{remote=127.0.0.1:"), "{opened2}");
+    drop(s2);
     // A control request: one DEBUG line with its status, in its span.
     publish_to(&http(), gw.control, &json!({"topic": "alpha", "data": "x"})).await;
     let answered = tokio::time::timeout(WAIT, async {
