@@ -336,6 +336,21 @@ fn client_cell(id: &str, col: &str) -> String {
     )
 }
 
+/// Clicks the kick button of `id`'s row and checks that its stream ends
+/// with the kicked event.
+async fn kick_from_page(page: &Page<'_>, client: &mut SseClient, id: &str) {
+    page.eval(&format!(
+        "document.querySelector('button.kick[data-client-id={}]').click()",
+        json!(id)
+    ))
+    .await;
+    let last = client.until_end().await;
+    assert_eq!(
+        last.last().map(|e| e.data.as_str()),
+        Some(r#"{"reason":"kicked"}"#)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
     // As a new user would: `--demo` (an event every 2 s) and no other flag;
@@ -482,16 +497,7 @@ async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
     // Kick a reader from its row.
     let mut victim = readers.pop().unwrap();
     let victim_id = victim.client_id().await;
-    page.eval(&format!(
-        "document.querySelector('button.kick[data-client-id={}]').click()",
-        json!(victim_id)
-    ))
-    .await;
-    let last = victim.until_end().await;
-    assert_eq!(
-        last.last().map(|e| e.data.as_str()),
-        Some(r#"{"reason":"kicked"}"#)
-    );
+    kick_from_page(&page, &mut victim, &victim_id).await;
     page.wait_for(
         "the kicked client's row gone",
         &format!(
@@ -583,16 +589,7 @@ async fn the_operators_page_charts_each_replica_and_kicks_across_them() {
     }
 
     // Kick b's client from the page served by a.
-    page.eval(&format!(
-        "document.querySelector('button.kick[data-client-id={}]').click()",
-        json!(on_b_id)
-    ))
-    .await;
-    let last = on_b.until_end().await;
-    assert_eq!(
-        last.last().map(|e| e.data.as_str()),
-        Some(r#"{"reason":"kicked"}"#)
-    );
+    kick_from_page(&page, &mut on_b, &on_b_id).await;
     page.wait_for(
         "the kick reported",
         &format!(

@@ -73,14 +73,7 @@ async fn redis_replica(redis: &RedisServer, name: &str) -> TestGateway {
     ])
     .await;
     let ready = gw.control_url("/ready");
-    eventually_async("redis up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("redis up", &ready, 200).await;
     gw
 }
 
@@ -117,14 +110,7 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
     }
     // Once the outage is known, nothing is sent: 503 is true.
     let ready = a.control_url("/ready");
-    eventually_async("ready reports redis down", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
+    wait_status("ready reports redis down", &ready, 503).await;
     for i in 2..4 {
         let data = format!("keyed-{i}");
         let res = patch(a.control, Some(&format!("key-{i}")), &body(&data)).await;
@@ -221,14 +207,7 @@ async fn redis_outages_are_logged_once_per_transition() {
     let mut gw = BinaryGateway::start(&["--redis-url", &url, "--redis-timeout", "300ms"]).await;
     // (Its "redis is reachable" may come before "streamline listening".)
     let ready = gw.control_url("/ready");
-    eventually_async("redis up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("redis up", &ready, 200).await;
 
     redis.kill().await;
     gw.wait_log("redis is unreachable").await;
@@ -269,6 +248,16 @@ fn count(lines: &[Value], msg: &str) -> usize {
 
 /// Issue 15, defect 9: RFC 9112 §6.1 — a request with both Content-Length
 /// and Transfer-Encoding is refused, and the connection closed.
+/// Reads until the server closes the connection after its answer.
+async fn read_answer(s: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
 async fn a_stream_request_with_content_length_and_transfer_encoding_is_refused() {
     let gw = TestGateway::start().await;
@@ -279,13 +268,7 @@ async fn a_stream_request_with_content_length_and_transfer_encoding_is_refused()
     ] {
         let mut s = TcpStream::connect(gw.stream).await.unwrap();
         s.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        // The server closes the connection after the answer.
-        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = read_answer(&mut s).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
         assert!(answer.contains("\"invalid_framing\""), "{answer}");
         assert!(!answer.contains("text/event-stream"), "{answer}");
@@ -380,12 +363,7 @@ async fn a_trickled_body_is_cut_off_at_the_body_read_timeout() {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), trickle).await;
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_answer(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("\"request_timeout\""), "{answer}");
 }

@@ -28,14 +28,7 @@ async fn gateway(broker: &Tansu, name: &str) -> TestGateway {
     ])
     .await;
     let ready = gw.control_url("/ready");
-    eventually_async("kafka up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("kafka up", &ready, 200).await;
     gw
 }
 

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod browser;
 pub mod kafka;
 pub mod nginx;
@@ -483,6 +484,19 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until a GET of `url` answers `status` (e.g. `/ready` turning 200
+/// once the backend answers, or 503 once its outage is known).
+pub async fn wait_status(what: &str, url: &str, status: u16) {
+    eventually_async(what, || async {
+        http()
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == status)
+    })
+    .await;
 }
 
 /// An HTTP/2 client speaking h2c with prior knowledge.
