@@ -53,18 +53,25 @@ async fn count(page: &Page<'_>, expr: &str) -> u64 {
     page.eval(expr).await.as_u64().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
-    // The page is served by nginx itself, same-origin with /stream.
+const RECORDER_PAGE: &str = "/test/recorder.html";
+
+/// A cluster whose nginx also serves a [`recorder`] of `topic` at
+/// [`RECORDER_PAGE`] (same-origin with /stream), and a browser to open it.
+async fn cluster_serving_a_recorder(topic: &str) -> (Cluster, Browser) {
     let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
-    let html = recorder("/stream?topic=browser", false);
-    let mut c = Cluster::start_with(&[
+    let html = recorder(&format!("/stream?topic={topic}"), false);
+    let c = Cluster::start_with(&[
         ("streamline.d/test-page.conf", page_conf),
         ("www/test/recorder.html", &html),
     ])
     .await;
-    let browser = Browser::launch().await;
-    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    (c, Browser::launch().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
+    let (mut c, browser) = cluster_serving_a_recorder("browser").await;
+    let page = browser.open(&c.nginx.url(RECORDER_PAGE)).await;
     page.wait_for("the stream opens", "window.rec.opens === 1")
         .await;
     let holder = c.holder_of_the_stream().await;
@@ -622,15 +629,8 @@ async fn the_operators_page_shows_why_the_stream_plane_refused_its_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_source_through_nginx_comes_back_after_every_replica_was_down() {
-    let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
-    let html = recorder("/stream?topic=outage", false);
-    let mut c = Cluster::start_with(&[
-        ("streamline.d/test-page.conf", page_conf),
-        ("www/test/recorder.html", &html),
-    ])
-    .await;
-    let browser = Browser::launch().await;
-    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    let (mut c, browser) = cluster_serving_a_recorder("outage").await;
+    let page = browser.open(&c.nginx.url(RECORDER_PAGE)).await;
     page.wait_for("the stream opens", "window.rec.opens === 1")
         .await;
     let body = json!({"topic": "outage", "data": "before"});

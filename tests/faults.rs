@@ -517,19 +517,6 @@ async fn an_nginx_reload_keeps_open_streams_flowing() {
     assert_eq!(fresh.next_event().await.unwrap().data, "e3");
 }
 
-/// Runs `f` when dropped, also when the test fails.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
-}
-
 /// An idle keep-alive connection on the control plane holds its slot no
 /// longer than `--control-header-read-timeout`.
 #[tokio::test]

@@ -212,17 +212,3 @@ async fn a_publish_into_a_hung_broker_is_made_whole_by_its_keyed_retry() {
     assert_eq!(got.len(), 1, "first answer {status}: {got:?}");
     assert_eq!(got["hung"], ids[0]);
 }
-
-/// Runs `f` when dropped (so a failing assertion does not leave the broker
-/// stopped for the rest of the test's cleanup).
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
-}

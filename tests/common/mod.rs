@@ -499,6 +499,20 @@ pub async fn wait_status(what: &str, url: &str, status: u16) {
     .await;
 }
 
+/// Runs `f` when dropped, also when the test fails (so a failing assertion
+/// does not leave a server stopped for the rest of the test's cleanup).
+pub fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// An HTTP/2 client speaking h2c with prior knowledge.
 pub fn http2() -> reqwest::Client {
     reqwest::Client::builder()
