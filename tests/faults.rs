@@ -14,53 +14,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// PATCHes `body` with an `Idempotency-Key` (when given).
-async fn patch(
-    control: std::net::SocketAddr,
-    key: Option<&str>,
-    body: &Value,
-) -> reqwest::Response {
-    let mut req = http()
-        .patch(format!("http://{control}/events"))
-        .timeout(WAIT)
-        .json(body);
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    req.send().await.expect("PATCH /events answered")
-}
-
-async fn ids_of(res: reqwest::Response) -> Vec<String> {
-    assert_eq!(res.status(), 202, "{:?}", res.url());
-    let v: Value = res.json().await.unwrap();
-    v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// What a publisher does after a 504 (or no answer): the same request,
-/// same key, until it is accepted.
-async fn retry_until_accepted(
-    control: std::net::SocketAddr,
-    key: &str,
-    body: &Value,
-) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let res = patch(control, Some(key), body).await;
-        match res.status().as_u16() {
-            202 => return ids_of(res).await,
-            503 | 504 if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            status => panic!("retry of {key}: {status} {}", res.text().await.unwrap()),
-        }
-    }
-}
-
 async fn redis_replica(redis: &RedisServer, name: &str) -> TestGateway {
     let url = redis.url();
     let gw = TestGateway::start_with(&[
@@ -100,9 +53,9 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
     let body = |data: &str| json!({"topic": "h", "data": data});
     let (b0, b1, b2) = (body("keyed-0"), body("keyed-1"), body("unkeyed"));
     let (k0, k1, unkeyed) = tokio::join!(
-        patch(a.control, Some("key-0"), &b0),
-        patch(a.control, Some("key-1"), &b1),
-        patch(a.control, None, &b2),
+        patch_events(a.control, Some("key-0"), &b0),
+        patch_events(a.control, Some("key-1"), &b1),
+        patch_events(a.control, None, &b2),
     );
     for res in [k0, k1, unkeyed] {
         let detail = expect_api_error(res, 504, "publish_outcome_unknown").await;
@@ -113,7 +66,7 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
     wait_status("ready reports redis down", &ready, 503).await;
     for i in 2..4 {
         let data = format!("keyed-{i}");
-        let res = patch(a.control, Some(&format!("key-{i}")), &body(&data)).await;
+        let res = patch_events(a.control, Some(&format!("key-{i}")), &body(&data)).await;
         expect_api_error(res, 503, "backend_unavailable").await;
     }
     redis.resume();
@@ -141,7 +94,7 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
             );
         }
         // The same key with other events is refused, publishing nothing.
-        let res = patch(gw.control, Some(&format!("key-{i}")), &body("other")).await;
+        let res = patch_events(gw.control, Some(&format!("key-{i}")), &body("other")).await;
         expect_api_error(res, 422, "idempotency_key_reused").await;
         answered.insert(data, ids[0].clone());
     }
@@ -176,12 +129,12 @@ async fn a_keyed_retry_after_a_202_is_answered_by_every_replica_with_the_same_id
     let b = redis_replica(&redis, "b").await;
     let mut sub = SseClient::connect(&b.stream_url("topic=k&topic=l")).await;
     let batch = json!([{"topic": "k", "data": 1}, {"topic": "l", "event": "x", "data": {"a": 2}}]);
-    let first = ids_of(patch(a.control, Some("batch-1"), &batch).await).await;
+    let first = ids_of(patch_events(a.control, Some("batch-1"), &batch).await).await;
     assert_eq!(first.len(), 2);
     // Re-encoded differently: the same events, so the same batch.
     let spaced = json!([{"topic": "k", "data": 1}, {"data": {"a": 2}, "event": "x", "topic": "l"}]);
     for gw in [&a, &b, &a] {
-        let again = ids_of(patch(gw.control, Some("\"batch-1\""), &spaced).await).await;
+        let again = ids_of(patch_events(gw.control, Some("\"batch-1\""), &spaced).await).await;
         assert_eq!(again, first);
     }
     a.publish_one("k", "marker").await;
@@ -376,14 +329,14 @@ async fn idempotency_keys_are_checked_and_honoured_in_memory() {
     let gw = TestGateway::start().await;
     let body = json!({"topic": "m", "data": 1});
     for bad in ["", "has space", &"k".repeat(256)] {
-        let res = patch(gw.control, Some(bad), &body).await;
+        let res = patch_events(gw.control, Some(bad), &body).await;
         expect_api_error(res, 400, "invalid_idempotency_key").await;
     }
     let mut sub = SseClient::connect(&gw.stream_url("topic=m")).await;
-    let first = ids_of(patch(gw.control, Some("mem-1"), &body).await).await;
-    let again = ids_of(patch(gw.control, Some("mem-1"), &body).await).await;
+    let first = ids_of(patch_events(gw.control, Some("mem-1"), &body).await).await;
+    let again = ids_of(patch_events(gw.control, Some("mem-1"), &body).await).await;
     assert_eq!(first, again);
-    let res = patch(gw.control, Some("mem-1"), &json!({"topic": "m", "data": 2})).await;
+    let res = patch_events(gw.control, Some("mem-1"), &json!({"topic": "m", "data": 2})).await;
     expect_api_error(res, 422, "idempotency_key_reused").await;
     gw.publish_one("m", "marker").await;
     let events = sub.events(2).await;
