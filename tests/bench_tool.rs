@@ -7,6 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::bench::{assert_delivered_in_full, n};
 use common::*;
 use serde_json::Value;
 use tokio::process::Command;
@@ -53,24 +54,19 @@ async fn bench(gw: &TestGateway, extra: &str) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
 }
 
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
-}
-
 fn assert_no_loss(r: &Value, subscribers: u64) {
-    assert_eq!(n(r, "streams_open"), subscribers, "{r}");
-    assert_eq!(n(r, "streams_failed"), 0, "{r}");
-    assert_eq!(n(r, "published"), n(r, "planned"), "{r}");
-    for key in [
-        "missing",
-        "duplicated",
-        "out_of_order",
-        "wrong_topic",
-        "streams_ended",
-    ] {
-        assert_eq!(n(r, key), 0, "{key}: {r}");
-    }
-    assert_eq!(n(r, "delivered"), n(r, "expected_deliveries"), "{r}");
+    assert_delivered_in_full(
+        r,
+        subscribers,
+        &[
+            "streams_failed",
+            "missing",
+            "duplicated",
+            "out_of_order",
+            "wrong_topic",
+            "streams_ended",
+        ],
+    );
     assert_eq!(r["latency_us"]["count"], r["delivered"], "{r}");
 }
 

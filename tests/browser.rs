@@ -53,18 +53,25 @@ async fn count(page: &Page<'_>, expr: &str) -> u64 {
     page.eval(expr).await.as_u64().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
-    // The page is served by nginx itself, same-origin with /stream.
+const RECORDER_PAGE: &str = "/test/recorder.html";
+
+/// A cluster whose nginx also serves a [`recorder`] of `topic` at
+/// [`RECORDER_PAGE`] (same-origin with /stream), and a browser to open it.
+async fn cluster_serving_a_recorder(topic: &str) -> (Cluster, Browser) {
     let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
-    let html = recorder("/stream?topic=browser", false);
-    let mut c = Cluster::start_with(&[
+    let html = recorder(&format!("/stream?topic={topic}"), false);
+    let c = Cluster::start_with(&[
         ("streamline.d/test-page.conf", page_conf),
         ("www/test/recorder.html", &html),
     ])
     .await;
-    let browser = Browser::launch().await;
-    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    (c, Browser::launch().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_through_nginx_resumes_on_its_own_across_a_drain() {
+    let (mut c, browser) = cluster_serving_a_recorder("browser").await;
+    let page = browser.open(&c.nginx.url(RECORDER_PAGE)).await;
     page.wait_for("the stream opens", "window.rec.opens === 1")
         .await;
     let holder = c.holder_of_the_stream().await;
@@ -336,6 +343,21 @@ fn client_cell(id: &str, col: &str) -> String {
     )
 }
 
+/// Clicks the kick button of `id`'s row and checks that its stream ends
+/// with the kicked event.
+async fn kick_from_page(page: &Page<'_>, client: &mut SseClient, id: &str) {
+    page.eval(&format!(
+        "document.querySelector('button.kick[data-client-id={}]').click()",
+        json!(id)
+    ))
+    .await;
+    let last = client.until_end().await;
+    assert_eq!(
+        last.last().map(|e| e.data.as_str()),
+        Some(r#"{"reason":"kicked"}"#)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
     // As a new user would: `--demo` (an event every 2 s) and no other flag;
@@ -482,16 +504,7 @@ async fn the_operators_page_on_a_quick_start_charts_rates_lag_and_kicks() {
     // Kick a reader from its row.
     let mut victim = readers.pop().unwrap();
     let victim_id = victim.client_id().await;
-    page.eval(&format!(
-        "document.querySelector('button.kick[data-client-id={}]').click()",
-        json!(victim_id)
-    ))
-    .await;
-    let last = victim.until_end().await;
-    assert_eq!(
-        last.last().map(|e| e.data.as_str()),
-        Some(r#"{"reason":"kicked"}"#)
-    );
+    kick_from_page(&page, &mut victim, &victim_id).await;
     page.wait_for(
         "the kicked client's row gone",
         &format!(
@@ -583,16 +596,7 @@ async fn the_operators_page_charts_each_replica_and_kicks_across_them() {
     }
 
     // Kick b's client from the page served by a.
-    page.eval(&format!(
-        "document.querySelector('button.kick[data-client-id={}]').click()",
-        json!(on_b_id)
-    ))
-    .await;
-    let last = on_b.until_end().await;
-    assert_eq!(
-        last.last().map(|e| e.data.as_str()),
-        Some(r#"{"reason":"kicked"}"#)
-    );
+    kick_from_page(&page, &mut on_b, &on_b_id).await;
     page.wait_for(
         "the kick reported",
         &format!(
@@ -625,15 +629,8 @@ async fn the_operators_page_shows_why_the_stream_plane_refused_its_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_source_through_nginx_comes_back_after_every_replica_was_down() {
-    let page_conf = "location = /test/recorder.html { root www; default_type text/html; }\n";
-    let html = recorder("/stream?topic=outage", false);
-    let mut c = Cluster::start_with(&[
-        ("streamline.d/test-page.conf", page_conf),
-        ("www/test/recorder.html", &html),
-    ])
-    .await;
-    let browser = Browser::launch().await;
-    let page = browser.open(&c.nginx.url("/test/recorder.html")).await;
+    let (mut c, browser) = cluster_serving_a_recorder("outage").await;
+    let page = browser.open(&c.nginx.url(RECORDER_PAGE)).await;
     page.wait_for("the stream opens", "window.rec.opens === 1")
         .await;
     let body = json!({"topic": "outage", "data": "before"});

@@ -14,53 +14,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// PATCHes `body` with an `Idempotency-Key` (when given).
-async fn patch(
-    control: std::net::SocketAddr,
-    key: Option<&str>,
-    body: &Value,
-) -> reqwest::Response {
-    let mut req = http()
-        .patch(format!("http://{control}/events"))
-        .timeout(WAIT)
-        .json(body);
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    req.send().await.expect("PATCH /events answered")
-}
-
-async fn ids_of(res: reqwest::Response) -> Vec<String> {
-    assert_eq!(res.status(), 202, "{:?}", res.url());
-    let v: Value = res.json().await.unwrap();
-    v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// What a publisher does after a 504 (or no answer): the same request,
-/// same key, until it is accepted.
-async fn retry_until_accepted(
-    control: std::net::SocketAddr,
-    key: &str,
-    body: &Value,
-) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let res = patch(control, Some(key), body).await;
-        match res.status().as_u16() {
-            202 => return ids_of(res).await,
-            503 | 504 if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            status => panic!("retry of {key}: {status} {}", res.text().await.unwrap()),
-        }
-    }
-}
-
 async fn redis_replica(redis: &RedisServer, name: &str) -> TestGateway {
     let url = redis.url();
     let gw = TestGateway::start_with(&[
@@ -73,14 +26,7 @@ async fn redis_replica(redis: &RedisServer, name: &str) -> TestGateway {
     ])
     .await;
     let ready = gw.control_url("/ready");
-    eventually_async("redis up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("redis up", &ready, 200).await;
     gw
 }
 
@@ -107,9 +53,9 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
     let body = |data: &str| json!({"topic": "h", "data": data});
     let (b0, b1, b2) = (body("keyed-0"), body("keyed-1"), body("unkeyed"));
     let (k0, k1, unkeyed) = tokio::join!(
-        patch(a.control, Some("key-0"), &b0),
-        patch(a.control, Some("key-1"), &b1),
-        patch(a.control, None, &b2),
+        patch_events(a.control, Some("key-0"), &b0),
+        patch_events(a.control, Some("key-1"), &b1),
+        patch_events(a.control, None, &b2),
     );
     for res in [k0, k1, unkeyed] {
         let detail = expect_api_error(res, 504, "publish_outcome_unknown").await;
@@ -117,17 +63,10 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
     }
     // Once the outage is known, nothing is sent: 503 is true.
     let ready = a.control_url("/ready");
-    eventually_async("ready reports redis down", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
+    wait_status("ready reports redis down", &ready, 503).await;
     for i in 2..4 {
         let data = format!("keyed-{i}");
-        let res = patch(a.control, Some(&format!("key-{i}")), &body(&data)).await;
+        let res = patch_events(a.control, Some(&format!("key-{i}")), &body(&data)).await;
         expect_api_error(res, 503, "backend_unavailable").await;
     }
     redis.resume();
@@ -155,7 +94,7 @@ async fn a_hung_redis_answers_honestly_and_keyed_retries_publish_once() {
             );
         }
         // The same key with other events is refused, publishing nothing.
-        let res = patch(gw.control, Some(&format!("key-{i}")), &body("other")).await;
+        let res = patch_events(gw.control, Some(&format!("key-{i}")), &body("other")).await;
         expect_api_error(res, 422, "idempotency_key_reused").await;
         answered.insert(data, ids[0].clone());
     }
@@ -190,12 +129,12 @@ async fn a_keyed_retry_after_a_202_is_answered_by_every_replica_with_the_same_id
     let b = redis_replica(&redis, "b").await;
     let mut sub = SseClient::connect(&b.stream_url("topic=k&topic=l")).await;
     let batch = json!([{"topic": "k", "data": 1}, {"topic": "l", "event": "x", "data": {"a": 2}}]);
-    let first = ids_of(patch(a.control, Some("batch-1"), &batch).await).await;
+    let first = ids_of(patch_events(a.control, Some("batch-1"), &batch).await).await;
     assert_eq!(first.len(), 2);
     // Re-encoded differently: the same events, so the same batch.
     let spaced = json!([{"topic": "k", "data": 1}, {"data": {"a": 2}, "event": "x", "topic": "l"}]);
     for gw in [&a, &b, &a] {
-        let again = ids_of(patch(gw.control, Some("\"batch-1\""), &spaced).await).await;
+        let again = ids_of(patch_events(gw.control, Some("\"batch-1\""), &spaced).await).await;
         assert_eq!(again, first);
     }
     a.publish_one("k", "marker").await;
@@ -221,14 +160,7 @@ async fn redis_outages_are_logged_once_per_transition() {
     let mut gw = BinaryGateway::start(&["--redis-url", &url, "--redis-timeout", "300ms"]).await;
     // (Its "redis is reachable" may come before "streamline listening".)
     let ready = gw.control_url("/ready");
-    eventually_async("redis up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("redis up", &ready, 200).await;
 
     redis.kill().await;
     gw.wait_log("redis is unreachable").await;
@@ -269,6 +201,16 @@ fn count(lines: &[Value], msg: &str) -> usize {
 
 /// Issue 15, defect 9: RFC 9112 §6.1 — a request with both Content-Length
 /// and Transfer-Encoding is refused, and the connection closed.
+/// Reads until the server closes the connection after its answer.
+async fn read_answer(s: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
 async fn a_stream_request_with_content_length_and_transfer_encoding_is_refused() {
     let gw = TestGateway::start().await;
@@ -279,13 +221,7 @@ async fn a_stream_request_with_content_length_and_transfer_encoding_is_refused()
     ] {
         let mut s = TcpStream::connect(gw.stream).await.unwrap();
         s.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        // The server closes the connection after the answer.
-        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = read_answer(&mut s).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
         assert!(answer.contains("\"invalid_framing\""), "{answer}");
         assert!(!answer.contains("text/event-stream"), "{answer}");
@@ -380,12 +316,7 @@ async fn a_trickled_body_is_cut_off_at_the_body_read_timeout() {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), trickle).await;
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_answer(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("\"request_timeout\""), "{answer}");
 }
@@ -398,14 +329,14 @@ async fn idempotency_keys_are_checked_and_honoured_in_memory() {
     let gw = TestGateway::start().await;
     let body = json!({"topic": "m", "data": 1});
     for bad in ["", "has space", &"k".repeat(256)] {
-        let res = patch(gw.control, Some(bad), &body).await;
+        let res = patch_events(gw.control, Some(bad), &body).await;
         expect_api_error(res, 400, "invalid_idempotency_key").await;
     }
     let mut sub = SseClient::connect(&gw.stream_url("topic=m")).await;
-    let first = ids_of(patch(gw.control, Some("mem-1"), &body).await).await;
-    let again = ids_of(patch(gw.control, Some("mem-1"), &body).await).await;
+    let first = ids_of(patch_events(gw.control, Some("mem-1"), &body).await).await;
+    let again = ids_of(patch_events(gw.control, Some("mem-1"), &body).await).await;
     assert_eq!(first, again);
-    let res = patch(gw.control, Some("mem-1"), &json!({"topic": "m", "data": 2})).await;
+    let res = patch_events(gw.control, Some("mem-1"), &json!({"topic": "m", "data": 2})).await;
     expect_api_error(res, 422, "idempotency_key_reused").await;
     gw.publish_one("m", "marker").await;
     let events = sub.events(2).await;
@@ -537,19 +468,6 @@ async fn an_nginx_reload_keeps_open_streams_flowing() {
     gw.publish_one("r", "e3").await;
     assert_eq!(open.next_event().await.unwrap().data, "e3");
     assert_eq!(fresh.next_event().await.unwrap().data, "e3");
-}
-
-/// Runs `f` when dropped, also when the test fails.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// An idle keep-alive connection on the control plane holds its slot no

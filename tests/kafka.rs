@@ -42,14 +42,7 @@ async fn gateway(broker: &Tansu, topics: &str, name: &str, extra: &[&str]) -> Te
 /// configured topics are assigned (records produced from then on are read).
 async fn wait_ready(control: std::net::SocketAddr) {
     let url = format!("http://{control}/ready");
-    eventually_async("the gateway is ready (kafka up)", || async {
-        http()
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("the gateway is ready (kafka up)", &url, 200).await;
 }
 
 /// The partition an event's data names (`p<partition>-<n>`).
@@ -488,14 +481,7 @@ async fn with_redis_too_kafka_is_the_bus_and_redis_keeps_the_client_registry() {
 /// `/ready` until it answers `status`.
 async fn wait_ready_status(control: std::net::SocketAddr, status: u16) {
     let url = format!("http://{control}/ready");
-    eventually_async(&format!("/ready answers {status}"), || async {
-        http()
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == status)
-    })
-    .await;
+    wait_status(&format!("/ready answers {status}"), &url, status).await;
 }
 
 fn assert_alive(gw: &mut BinaryGateway, when: &str) {

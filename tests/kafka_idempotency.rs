@@ -12,7 +12,7 @@ use common::kafka::Tansu;
 use common::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use serde_json::{Value, json};
+use serde_json::json;
 
 async fn gateway(broker: &Tansu, name: &str) -> TestGateway {
     let brokers = broker.brokers();
@@ -28,37 +28,8 @@ async fn gateway(broker: &Tansu, name: &str) -> TestGateway {
     ])
     .await;
     let ready = gw.control_url("/ready");
-    eventually_async("kafka up", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("kafka up", &ready, 200).await;
     gw
-}
-
-async fn patch(control: std::net::SocketAddr, key: &str, body: &Value) -> reqwest::Response {
-    http()
-        .patch(format!("http://{control}/events"))
-        .header("idempotency-key", key)
-        .timeout(WAIT)
-        .json(body)
-        .send()
-        .await
-        .expect("PATCH answered")
-}
-
-async fn ids_of(res: reqwest::Response) -> Vec<String> {
-    assert_eq!(res.status(), 202);
-    let v: Value = res.json().await.unwrap();
-    v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Events (data → id) a stream gets before `marker`'s data, failing on a
@@ -87,12 +58,12 @@ async fn copies_of_a_keyed_batch_are_dropped_and_retries_get_the_first_ids() {
     let mut on_a = SseClient::connect(&a.stream_url("topic=orders")).await;
     let mut on_b = SseClient::connect(&b.stream_url("topic=orders")).await;
     let batch = json!([{"topic": "orders", "data": "one"}, {"topic": "orders", "event": "x", "data": "two"}]);
-    let first = ids_of(patch(a.control, "order-7", &batch).await).await;
+    let first = ids_of(patch_events(a.control, Some("order-7"), &batch).await).await;
     for gw in [&a, &b] {
-        let again = ids_of(patch(gw.control, "order-7", &batch).await).await;
+        let again = ids_of(patch_events(gw.control, Some("order-7"), &batch).await).await;
         assert_eq!(again, first);
         let other = json!({"topic": "orders", "data": "three"});
-        let res = patch(gw.control, "order-7", &other).await;
+        let res = patch_events(gw.control, Some("order-7"), &other).await;
         expect_api_error(res, 422, "idempotency_key_reused").await;
     }
 
@@ -173,7 +144,7 @@ async fn a_publish_into_a_hung_broker_is_made_whole_by_its_keyed_retry() {
         assert!(ok.success());
     };
     signal("-STOP");
-    let res = patch(gw.control, "hung-1", &body).await;
+    let res = patch_events(gw.control, Some("hung-1"), &body).await;
     let status = res.status().as_u16();
     let cont = scopeguard(|| signal("-CONT"));
     // 504 when the publish was sent into the hang; 503 (nothing sent) when
@@ -186,20 +157,11 @@ async fn a_publish_into_a_hung_broker_is_made_whole_by_its_keyed_retry() {
     };
     drop(cont);
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let ids = loop {
-        let res = patch(gw.control, "hung-1", &body).await;
-        match res.status().as_u16() {
-            202 => break ids_of(res).await,
-            503 | 504 if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            s => panic!("retry: {s} {}", res.text().await.unwrap()),
-        }
-    };
+    let ids = retry_until_accepted(gw.control, "hung-1", &body).await;
     // The retry may be answered from the key's record before a fresh
     // producer is ready: until then an unkeyed publish gets 503, which
     // promises nothing was sent, so it is simply sent again.
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let res = http()
             .patch(gw.control_url("/events"))
@@ -218,18 +180,4 @@ async fn a_publish_into_a_hung_broker_is_made_whole_by_its_keyed_retry() {
     let got = until_marker(&mut sub, "marker").await;
     assert_eq!(got.len(), 1, "first answer {status}: {got:?}");
     assert_eq!(got["hung"], ids[0]);
-}
-
-/// Runs `f` when dropped (so a failing assertion does not leave the broker
-/// stopped for the rest of the test's cleanup).
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }

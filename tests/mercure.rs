@@ -98,18 +98,21 @@ async fn subscribe(stream: SocketAddr, selectors: &[&str]) -> SseClient {
 }
 
 async fn subscribe_as(stream: SocketAddr, selectors: &[&str], token: &str) -> SseClient {
-    let client = reqwest::Client::builder()
-        .default_headers(
-            [(
-                reqwest::header::AUTHORIZATION,
-                format!("Bearer {token}").parse().unwrap(),
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .build()
-        .unwrap();
+    let client = client_sending(reqwest::header::AUTHORIZATION, &format!("Bearer {token}"));
     SseClient::connect_with(&client, &sub_url(stream, selectors, ""), None).await
+}
+
+/// Subscribes resuming after `last_id` (sent as `Last-Event-ID`).
+async fn subscribe_from(stream: SocketAddr, selectors: &[&str], last_id: &str) -> SseClient {
+    SseClient::connect_with(&http(), &sub_url(stream, selectors, ""), Some(last_id)).await
+}
+
+/// An HTTP client that sends `name: value` with every request.
+fn client_sending(name: reqwest::header::HeaderName, value: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers([(name, value.parse().unwrap())].into_iter().collect())
+        .build()
+        .unwrap()
 }
 
 /// Reads events until one with data `last`; returns every data seen.
@@ -372,17 +375,10 @@ async fn subscribers_are_authorized() {
 
     // The cookie, as a browser sends it.
     let token = sign(SUBSCRIBER_KEY, json!({"mercure": {"subscribe": [FOO]}}));
-    let client = reqwest::Client::builder()
-        .default_headers(
-            [(
-                reqwest::header::COOKIE,
-                format!("mercureAuthorization={token}").parse().unwrap(),
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .build()
-        .unwrap();
+    let client = client_sending(
+        reqwest::header::COOKIE,
+        &format!("mercureAuthorization={token}"),
+    );
     let mut c = SseClient::connect_with(&client, &url, None).await;
     gw.wait_clients(1).await;
     publish(
@@ -498,8 +494,7 @@ async fn two_replicas_on_redis_share_updates_ids_and_resume() {
         &[("topic", "https://example.com/books/3"), ("data", "c")],
     )
     .await;
-    let mut on_one =
-        SseClient::connect_with(&http(), &sub_url(one.stream, &[BOOKS], ""), Some(&a)).await;
+    let mut on_one = subscribe_from(one.stream, &[BOOKS], &a).await;
     assert_eq!(on_one.headers["last-event-id"], a.as_str());
     let got = on_one.events(2).await;
     assert_eq!(
@@ -509,8 +504,7 @@ async fn two_replicas_on_redis_share_updates_ids_and_resume() {
         [b.clone(), c_id.clone()]
     );
     // A publisher's id resumes on a replica that has seen the update.
-    let mut again =
-        SseClient::connect_with(&http(), &sub_url(one.stream, &[BOOKS], ""), Some(&b)).await;
+    let mut again = subscribe_from(one.stream, &[BOOKS], &b).await;
     assert_eq!(again.next_event().await.unwrap().data, "c");
     // `earliest` reads everything Redis keeps, on a replica that never saw it.
     let three = gateway(&extra).await;
@@ -702,8 +696,7 @@ async fn two_replicas_on_kafka_share_updates_ids_and_resume() {
         &[("topic", "https://example.com/books/2"), ("data", "b")],
     )
     .await;
-    let mut on_one =
-        SseClient::connect_with(&http(), &sub_url(one.stream, &[BOOKS], ""), Some(&a)).await;
+    let mut on_one = subscribe_from(one.stream, &[BOOKS], &a).await;
     let got = on_one.next_event().await.unwrap();
     assert_eq!((got.id.as_deref(), &*got.data), (Some(&*b), "b"));
 }

@@ -200,14 +200,7 @@ async fn the_gateway_rides_out_a_redis_outage() {
     assert_eq!(gw.hub.client_count(), 1, "the stream stays open");
 
     let _redis = RedisServer::start_on(port).await;
-    eventually_async("ready again", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_status("ready again", &ready, 200).await;
     let id = gw.publish_one("o", "after").await;
     let ev = client.next_event().await.unwrap();
     assert_eq!(

@@ -236,8 +236,36 @@ fn patterns(claims: &Map<String, Value>, name: &str) -> Result<TopicPatterns, Au
     TopicPatterns::parse(names).map_err(|e| bad(e.to_string()))
 }
 
+/// HS256 tokens and verifiers for the tests of every plane that takes JWTs.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    /// A verifier of HS256 tokens signed with `secret`, with `options`.
+    pub(crate) fn hs256_verifier(secret: &str, options: JwtOptions) -> Verifier {
+        Verifier::new(&JwtOptions {
+            secret: Some(Secret::new(secret)),
+            ..options
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    /// `claims` signed with HS256 and `secret`.
+    pub(crate) fn hs256_sign(secret: &str, claims: &Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::{hs256_sign, hs256_verifier};
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
@@ -249,21 +277,11 @@ mod tests {
     }
 
     fn hs(options: JwtOptions) -> Verifier {
-        Verifier::new(&JwtOptions {
-            secret: Some(Secret::new(SECRET)),
-            ..options
-        })
-        .unwrap()
-        .unwrap()
+        hs256_verifier(SECRET, options)
     }
 
     fn sign(claims: Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
+        hs256_sign(SECRET, &claims)
     }
 
     #[test]

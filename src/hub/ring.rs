@@ -458,6 +458,16 @@ mod tests {
     use super::*;
     use crate::sse::encode_event;
 
+    /// A client reading one topic.
+    fn reader(id: &str) -> Arc<Client> {
+        Arc::new(Client::new(
+            id.into(),
+            Box::new([]),
+            1,
+            crate::hub::tests::meta(),
+        ))
+    }
+
     fn topic() -> Topic {
         Topic::new("t".into(), Position::new(7, 0))
     }
@@ -600,12 +610,7 @@ mod tests {
 
     #[test]
     fn events_a_keeping_up_subscriber_needs_are_pinned_up_to_the_byte_cap() {
-        let client = Arc::new(Client::new(
-            "c".into(),
-            Box::new([]),
-            1,
-            crate::hub::tests::meta(),
-        ));
+        let client = reader("c");
         let t = topic();
         t.subscribe(client.clone(), 0);
         // A batch of 20 with a history of 5: all of it stays for the reader.
@@ -627,12 +632,7 @@ mod tests {
             pinned_bytes: 3 * cost,
             ..bounds(5)
         };
-        let client = Arc::new(Client::new(
-            "d".into(),
-            Box::new([]),
-            1,
-            crate::hub::tests::meta(),
-        ));
+        let client = reader("d");
         t.subscribe(client, 0);
         for lo in 1..=9 {
             push_with(&t, lo, &small);
@@ -643,12 +643,7 @@ mod tests {
 
     #[test]
     fn a_stream_that_is_behind_pins_nothing_and_may_be_closed() {
-        let client = Arc::new(Client::new(
-            "c".into(),
-            Box::new([]),
-            1,
-            crate::hub::tests::meta(),
-        ));
+        let client = reader("c");
         let t = topic();
         t.subscribe(client.clone(), 0);
         for lo in 1..=10 {

@@ -110,31 +110,25 @@ pub fn unauthorized(e: AuthError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Secret;
     use crate::auth::jwt::JwtOptions;
+    use crate::auth::jwt::test_support::{hs256_sign, hs256_verifier};
     use http::HeaderValue;
-    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     use serde_json::json;
 
     const SECRET: &str = "!ChangeThisMercureHubJWTSecretKey!";
 
     fn verifier() -> Verifier {
-        Verifier::new(&JwtOptions {
-            secret: Some(Secret::new(SECRET)),
-            require_exp: false,
-            ..JwtOptions::default()
-        })
-        .unwrap()
-        .unwrap()
+        hs256_verifier(
+            SECRET,
+            JwtOptions {
+                require_exp: false,
+                ..JwtOptions::default()
+            },
+        )
     }
 
     fn sign(claims: Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
+        hs256_sign(SECRET, &claims)
     }
 
     #[test]

@@ -212,19 +212,8 @@ pub fn parse(
             "give at least one `topic` selector: an IRI, a URI template or `*`",
         ));
     }
-    let header_id = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_last_event_id",
-                "Last-Event-ID is not visible ASCII",
-            )
-        })?),
-        None => None,
-    };
-    let last_event_id = match header_id {
-        Some(h) if !h.is_empty() => Some(h.to_owned()),
-        _ => query_id.filter(|q| !q.is_empty()),
-    };
+    let last_event_id =
+        crate::stream::request::last_event_id(headers, query_id.as_deref())?.map(str::to_owned);
     Ok(SubscribeRequest {
         selectors,
         last_event_id,

@@ -117,6 +117,24 @@ pub fn parse_with(
             "give at least one topic: /stream?topic=NAME (names match [A-Za-z0-9._-]{1,128})",
         ));
     }
+    let resume = last_event_id(headers, query_id.as_deref())?
+        .map(|id| {
+            Cursor::parse(id).map_err(|e| {
+                ApiError::bad_request("invalid_last_event_id", format!("Last-Event-ID: {e}"))
+            })
+        })
+        .transpose()?;
+    Ok(StreamRequest { topics, resume })
+}
+
+/// The position a subscriber resumes after: the `Last-Event-ID` header, else
+/// the query parameter (`query_id`); an empty one means "none".
+/// EventSource resends the original URL on reconnect, so the header (the
+/// newer position) wins over the parameter.
+pub fn last_event_id<'a>(
+    headers: &'a HeaderMap,
+    query_id: Option<&'a str>,
+) -> Result<Option<&'a str>, ApiError> {
     let header_id = match headers.get("last-event-id") {
         Some(v) => Some(v.to_str().map_err(|_| {
             ApiError::bad_request(
@@ -126,20 +144,10 @@ pub fn parse_with(
         })?),
         None => None,
     };
-    // EventSource resends the original URL on reconnect, so the header (the
-    // newer position) wins over the parameter. An empty header means "none".
-    let raw = match header_id {
+    Ok(match header_id {
         Some(h) if !h.is_empty() => Some(h),
-        _ => query_id.as_deref().filter(|q| !q.is_empty()),
-    };
-    let resume = raw
-        .map(|id| {
-            Cursor::parse(id).map_err(|e| {
-                ApiError::bad_request("invalid_last_event_id", format!("Last-Event-ID: {e}"))
-            })
-        })
-        .transpose()?;
-    Ok(StreamRequest { topics, resume })
+        _ => query_id.filter(|q| !q.is_empty()),
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, reason = "each test binary uses only some of these helpers")]
 
+pub mod bench;
 pub mod browser;
 pub mod kafka;
 pub mod nginx;
@@ -500,6 +501,81 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until a GET of `url` answers `status` (e.g. `/ready` turning 200
+/// once the backend answers, or 503 once its outage is known).
+pub async fn wait_status(what: &str, url: &str, status: u16) {
+    eventually_async(what, || async {
+        http()
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == status)
+    })
+    .await;
+}
+
+/// PATCHes `body` with an `Idempotency-Key` (when given).
+pub async fn patch_events(
+    control: std::net::SocketAddr,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut req = http()
+        .patch(format!("http://{control}/events"))
+        .timeout(WAIT)
+        .json(body);
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    req.send().await.expect("PATCH /events answered")
+}
+
+/// The ids of a 202 answer.
+pub async fn ids_of(res: reqwest::Response) -> Vec<String> {
+    assert_eq!(res.status(), 202, "{:?}", res.url());
+    let v: Value = res.json().await.unwrap();
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What a publisher does after a 504 (or no answer): the same request,
+/// same key, until it is accepted.
+pub async fn retry_until_accepted(
+    control: std::net::SocketAddr,
+    key: &str,
+    body: &Value,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let res = patch_events(control, Some(key), body).await;
+        match res.status().as_u16() {
+            202 => return ids_of(res).await,
+            503 | 504 if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            status => panic!("retry of {key}: {status} {}", res.text().await.unwrap()),
+        }
+    }
+}
+
+/// Runs `f` when dropped, also when the test fails (so a failing assertion
+/// does not leave a server stopped for the rest of the test's cleanup).
+pub fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// An HTTP/2 client speaking h2c with prior knowledge.
