@@ -29,6 +29,9 @@
 #   SHUTDOWN_DELAY=1s DRAIN_WINDOW=3s GRACE_PERIOD=10s WRITE_TIMEOUT=5s RETRY=2s
 #                              the replicas' shutdown flags and retry: delay
 #   GATEWAY_FLAGS, BENCH_FLAGS extra flags (split at spaces)
+# The publisher follows README's "Safe retries": each PATCH carries an
+# Idempotency-Key and one of unknown outcome (a 502 from nginx when its
+# replica stopped under it, a 504) or a 503 is sent again with that key.
 #   READY_TIMEOUT=300          how long a replica may take to answer /ready (s)
 #   KEEP=1                     keep the temp dir (logs) and print its path
 set -euo pipefail
@@ -252,7 +255,7 @@ read -r -a EXTRA_BENCH <<<"${BENCH_FLAGS:-}"
     --pub-url "http://127.0.0.1:$NGINX_PORT/events" \
     -n "$CLIENTS" --rate "$RATE" --topics "$TOPICS" --duration "$TAIL" \
     --churn --drain-window "$DRAIN_WINDOW" --publish-grace 60s --drain-quiet 20s \
-    --label "churn-$BUS-$REPLICAS" "${EXTRA_BENCH[@]}" \
+    --keyed-retries 5 --label "churn-$BUS-$REPLICAS" "${EXTRA_BENCH[@]}" \
     <"$DIR/marks" >"$DIR/bench.out" 2>"$DIR/bench.err" &
 BENCH_PID=$!
 echo $BENCH_PID >"$DIR/bench.pid"

@@ -126,6 +126,13 @@ pub struct Args {
     #[arg(long, env = "STREAMLINE_BENCH_POOL_MAX", default_value_t = 4)]
     pub pool_max: usize,
 
+    /// Send each publish request with an `Idempotency-Key` and resend it,
+    /// with the same key, up to this many times when its outcome is unknown
+    /// or nothing was published (502, 503, 504, or no answer), as a
+    /// publisher following Streamline's "Safe retries" does. 0: send once.
+    #[arg(long, env = "STREAMLINE_BENCH_KEYED_RETRIES", default_value_t = 0)]
+    pub keyed_retries: u32,
+
     /// Most events per publish request: a publisher that has fallen behind
     /// sends what is due as one JSON array `[body,body,…]` (Streamline's
     /// PATCH /events takes arrays). 1 sends one request per event. Needs a

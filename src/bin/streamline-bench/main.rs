@@ -490,6 +490,8 @@ fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
         stamp: args.stamp,
         end_us: std::sync::atomic::AtomicU64::new(u64::MAX),
         grace: args.publish_grace,
+        keyed_retries: args.keyed_retries,
+        run_id: std::process::id() as u64 ^ payload::unix_micros(),
         published: Default::default(),
     })
 }

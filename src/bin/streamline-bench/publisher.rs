@@ -88,6 +88,10 @@ pub struct Plan {
     /// yet; publish until it is).
     pub end_us: AtomicU64,
     pub grace: Duration,
+    /// `--keyed-retries`: resends of a request whose outcome is unknown.
+    pub keyed_retries: u32,
+    /// Makes this run's idempotency keys its own.
+    pub run_id: u64,
     /// Events accepted so far (for the progress line).
     pub published: AtomicU64,
 }
@@ -256,31 +260,44 @@ fn render(plan: &Plan, start: Instant, batch: &[u64], url: &mut String, body: &m
     }
 }
 
-/// Sends one request; `Err` says why it failed.
+/// Sends one request (the batch whose first event is `first`); `Err` says
+/// why it failed. With `--keyed-retries`, a request whose outcome is
+/// unknown or that published nothing is sent again under the same key.
 async fn send(
     plan: &Plan,
     client: &reqwest::Client,
     url: &str,
     body: String,
+    first: u64,
 ) -> Result<(), String> {
-    let result = client
-        .request(plan.method.clone(), url)
-        .header(reqwest::header::CONTENT_TYPE, plan.content_type.as_str())
-        .body(body)
-        .send()
-        .await;
-    match result {
-        Ok(res) => {
-            let status = res.status();
-            // Read the answer so the connection can be reused.
-            let _ = res.bytes().await;
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("HTTP {}", status.as_u16()))
-            }
+    let key = (plan.keyed_retries > 0).then(|| format!("bench-{:x}-{first}", plan.run_id));
+    let mut tries = 0;
+    loop {
+        let mut req = client
+            .request(plan.method.clone(), url)
+            .header(reqwest::header::CONTENT_TYPE, plan.content_type.as_str());
+        if let Some(key) = &key {
+            req = req.header("idempotency-key", key.as_str());
         }
-        Err(e) => Err(describe(&e)),
+        // The failed attempt's status (0: no answer) and why.
+        let (status, why) = match req.body(body.clone()).send().await {
+            Ok(res) => {
+                let status = res.status();
+                // Read the answer so the connection can be reused.
+                let _ = res.bytes().await;
+                if status.is_success() {
+                    return Ok(());
+                }
+                (status.as_u16(), format!("HTTP {}", status.as_u16()))
+            }
+            Err(e) => (0, describe(&e)),
+        };
+        let retriable = matches!(status, 0 | 502 | 503 | 504);
+        if !retriable || tries >= plan.keyed_retries {
+            return Err(why);
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -382,7 +399,7 @@ pub async fn run(plan: Arc<Plan>, lane: usize, start: Instant) -> Sent {
         render(&plan, start, &batch, &mut url, &mut body);
         sent.requests += 1;
         sent.max_in_flight = 1;
-        let outcome = send(&plan, &client, &url, body.clone()).await;
+        let outcome = send(&plan, &client, &url, body.clone(), batch[0]).await;
         sent.account(&plan, &batch, outcome);
     }
     sent
@@ -431,7 +448,7 @@ pub async fn run_pool(plan: Arc<Plan>, pool: usize, start: Instant) -> Sent {
         render(&plan, start, &batch, &mut url, &mut body);
         let (plan2, client, events) = (plan.clone(), client.clone(), batch.clone());
         tasks.spawn(async move {
-            let outcome = send(&plan2, &client, &url, body).await;
+            let outcome = send(&plan2, &client, &url, body, events[0]).await;
             drop(permit);
             (events, outcome)
         });
