@@ -471,11 +471,15 @@ impl Report {
             rows.push(("drain", d.clone()));
         }
         if let Some(pid) = self.server_pid {
+            let who = match self.servers.len() {
+                0 | 1 => format!("pid {pid}"),
+                n => format!("{n} replicas together"),
+            };
             rows.extend([
                 (
                     "server RSS",
                     format!(
-                        "pid {pid}: {} before, {} idle, {} at the end",
+                        "{who}: {} before, {} idle, {} at the end",
                         opt(self.rss_before_kib, " KiB"),
                         opt(self.rss_idle_kib, " KiB"),
                         opt(self.rss_end_kib, " KiB")
