@@ -12,7 +12,7 @@
 # limits off: every client comes from this host), all on free loopback ports
 # from a temp dir, then `streamline-bench --workers W` with STREAMS streams
 # dealt over the replicas (each topic's streams round them all) and over
-# 127.0.0.x source addresses, RATE events/s over TOPICS topics for DURATION s
+# 127.0.0.x source addresses (one per 10,000 streams), RATE events/s over TOPICS topics for DURATION s
 # published through replica 1, sampling every replica and the bus. Prints the
 # bench's table and, last, its JSON line (per-replica figures under
 # "servers", the bus's under "bus"); the load average goes to stderr.
@@ -58,6 +58,11 @@ fi
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 WORKERS=${WORKERS:-$(((STREAMS + 14999) / 15000))}
+# One source address per 10,000 streams (at least 2): an address has ~28,000
+# ephemeral ports, and a run right after another finds its predecessor's
+# ports in TIME_WAIT.
+SOURCES=$(((STREAMS + 9999) / 10000))
+((SOURCES < 2)) && SOURCES=2
 PER_REPLICA=$(((STREAMS + REPLICAS - 1) / REPLICAS))
 PER_WORKER=$(((STREAMS + WORKERS - 1) / WORKERS))
 for need in "$PER_REPLICA replica" "$PER_WORKER worker"; do
@@ -202,7 +207,7 @@ MODE=()
 [[ ${IDLE:-0} == 1 ]] && MODE=(--idle-only)
 read -r -a EXTRA_BENCH <<<"${BENCH_FLAGS:-}"
 "$BENCH_BIN" --url "$URLS" --pub-url "http://127.0.0.1:$(control_port 1)/events" \
-    -n "$STREAMS" --workers "$WORKERS" --topics "$TOPICS" --rate "$RATE" \
+    -n "$STREAMS" --workers "$WORKERS" --source-addrs "$SOURCES" --topics "$TOPICS" --rate "$RATE" \
     --duration "$DURATION" --pid "$PIDS" --bus-pid "$(cat "$DIR/bus.pid")" \
     --connect-timeout 60s --publish-grace 60s --drain-quiet 20s \
     --label "scale-$BUS-$REPLICAS-$STREAMS" "${MODE[@]}" "${EXTRA_BENCH[@]}" &
