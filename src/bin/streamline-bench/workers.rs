@@ -98,6 +98,21 @@ pub async fn child(args: Args, k: usize) -> Result<(), String> {
         args.connect_timeout,
         args.reconnect_delay,
     );
+    // From the start, so the parent's progress line counts streams opening.
+    let progress = {
+        let streams = streams.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                emit(&Msg::Progress {
+                    open: streams.open.load(Relaxed) as u64,
+                    delivered: streams.delivered(),
+                });
+            }
+        })
+    };
+
     let mine: Vec<usize> = (k..args.subscribers).step_by(n).collect();
     let tasks: Vec<_> = mine
         .iter()
@@ -116,20 +131,6 @@ pub async fn child(args: Args, k: usize) -> Result<(), String> {
         open_per_topic: open_per_topic.clone(),
         open_errors: report::ranked(open_errors),
     });
-    let progress = {
-        let streams = streams.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                emit(&Msg::Progress {
-                    open: streams.open.load(Relaxed) as u64,
-                    delivered: streams.delivered(),
-                });
-            }
-        })
-    };
-
     // The parent's lines, read on a thread of their own (std's blocking
     // stdin: this tool's tokio has no async stdin).
     let (lines_tx, mut lines) = mpsc::channel::<String>(2);
