@@ -78,6 +78,11 @@ impl RedisServer {
         self.signal("CONT");
     }
 
+    /// The server's process id (for sampling its memory and CPU).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running")
+    }
+
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
         let ok = std::process::Command::new("kill")

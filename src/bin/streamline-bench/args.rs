@@ -28,7 +28,8 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 )]
 pub struct Args {
     /// Stream URL; `{topic}` is replaced by the stream's topic. Plain
-    /// `http://` only (raw HTTP/1.1 over TCP).
+    /// `http://` only (raw HTTP/1.1 over TCP). Several separated by commas
+    /// (one per replica): the streams of each topic are dealt round them.
     #[arg(
         long,
         env = "STREAMLINE_BENCH_URL",
@@ -171,9 +172,28 @@ pub struct Args {
     pub drain_quiet: Duration,
 
     /// Server process to sample for memory (VmRSS) and CPU time, summed
-    /// over the process and its descendants (nginx workers, say).
-    #[arg(long, env = "STREAMLINE_BENCH_PID")]
-    pub pid: Option<u32>,
+    /// over the process and its descendants (nginx workers, say). Several
+    /// separated by commas (one per replica): the figures are summed, and
+    /// each one's is reported too.
+    #[arg(long, env = "STREAMLINE_BENCH_PID", value_delimiter = ',')]
+    pub pid: Vec<u32>,
+
+    /// The bus's process (redis-server, a Kafka broker), sampled as --pid
+    /// is and reported apart.
+    #[arg(long, env = "STREAMLINE_BENCH_BUS_PID")]
+    pub bus_pid: Option<u32>,
+
+    /// Load processes: spread the streams over N child processes of this
+    /// tool (each opens its share, so a run may hold more streams than one
+    /// process may open); the publisher stays in this one, and the report
+    /// merges theirs. 0: every stream in this process.
+    #[arg(long, env = "STREAMLINE_BENCH_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Run as worker K of --workers, driven by its parent over stdin and
+    /// stdout (internal).
+    #[arg(long, hide = true)]
+    pub worker: Option<usize>,
 
     /// Open the streams, measure the server's memory, hold them for
     /// --duration, and exit without publishing.
@@ -264,6 +284,12 @@ impl Args {
         }
         if self.drain_window.is_zero() {
             return Err("--drain-window must be positive".into());
+        }
+        if self.workers > 0 && self.churn {
+            return Err("--churn runs in one process: not with --workers".into());
+        }
+        if self.worker.is_some_and(|k| k >= self.workers) {
+            return Err("--worker must be below --workers".into());
         }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());

@@ -25,6 +25,7 @@ mod scan;
 mod subscriber;
 mod target;
 mod tracker;
+mod workers;
 
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
@@ -53,7 +54,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let nofile = procstat::raise_nofile();
-    if (nofile as usize) < args.subscribers + 64 {
+    let per_process = match args.workers {
+        0 => args.subscribers,
+        n => args.subscribers.div_ceil(n),
+    };
+    if args.worker.is_none() && (nofile as usize) < per_process + 64 {
         eprintln!(
             "streamline-bench: warning: the open-files limit is {nofile}, \
              too low for {} streams",
@@ -71,7 +76,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    if let Some(k) = args.worker {
+        return match rt.block_on(workers::child(args, k)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("streamline-bench: worker {k}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = if args.workers > 0 {
+        rt.block_on(workers::parent(args))
+    } else {
+        rt.block_on(run(args))
+    };
+    match result {
         Ok(report) => {
             print!("{}", report.table());
             match serde_json::to_string(&report) {
@@ -157,12 +176,9 @@ impl Progress {
     }
 }
 
-async fn run(args: Args) -> Result<Report, String> {
-    let target = Target::resolve(&args.url, args.source_addrs, args.subscribers).await?;
-    let server = args.pid.map(procstat::Server::new).transpose()?;
-    let ticks = procstat::clock_ticks();
-    let publishers = args.publisher_count();
-    let mut report = Report {
+/// The figures every run starts from.
+fn base_report(args: &Args, target: &Target) -> Report {
+    Report {
         label: args.label.clone(),
         url: args.url.clone(),
         pub_url: args.pub_url.clone(),
@@ -172,18 +188,27 @@ async fn run(args: Args) -> Result<Report, String> {
         rate: args.rate,
         duration_s: args.duration,
         size: args.size,
-        publishers,
+        publishers: args.publisher_count(),
         publisher_mode: args.publisher_mode,
         stamp: args.stamp,
         pool_max: (args.publisher_mode == publisher::Mode::Pool).then_some(args.pool_max),
         source_addrs: target.sources.len(),
-        server_pid: args.pid,
+        workers: args.workers,
+        churn: args.churn,
         ..Report::default()
-    };
+    }
+}
+
+async fn run(args: Args) -> Result<Report, String> {
+    let target =
+        Target::resolve(&args.url, args.source_addrs, args.subscribers, args.topics).await?;
+    let mut watch = procstat::Watch::new(&args.pid, args.bus_pid)?;
+    let ticks = procstat::clock_ticks();
+    let publishers = args.publisher_count();
+    let mut report = base_report(&args, &target);
     let plan = Arc::new(plan(&args, publishers)?);
     let (mode, pool_max) = (args.publisher_mode, args.pool_max);
-    report.churn = args.churn;
-    report.rss_before_kib = server.and_then(|s| s.rss_kib());
+    watch.rss(procstat::Phase::Before);
 
     let progress = Arc::new(Progress {
         start: Instant::now(),
@@ -227,16 +252,10 @@ async fn run(args: Args) -> Result<Report, String> {
     report.streams_open = open_per_topic.iter().sum();
     report.streams_failed = open_errors.len() as u64;
     report.open_errors = report::ranked(open_errors.into_iter().map(|why| (why, 1)));
-    if let Some(s) = server {
+    if !watch.is_empty() {
         // Let the server settle (allocator, lazily sent heads) before sampling.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        report.rss_idle_kib = s.rss_kib();
-        if let (Some(idle), Some(before)) = (report.rss_idle_kib, report.rss_before_kib)
-            && report.streams_open > 0
-        {
-            report.rss_per_idle_stream_kib =
-                Some((idle as f64 - before as f64) / report.streams_open as f64);
-        }
+        watch.rss(procstat::Phase::Idle);
     }
 
     let mut events_per_topic = vec![0u64; args.topics];
@@ -247,7 +266,7 @@ async fn run(args: Args) -> Result<Report, String> {
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     } else {
         progress.set("publishing");
-        let cpu_before = server.and_then(|s| s.cpu_secs());
+        watch.cpu_start();
         let own_before = procstat::own_cpu_secs(ticks);
         let start = Instant::now() + Duration::from_millis(10);
         if args.churn {
@@ -285,10 +304,7 @@ async fn run(args: Args) -> Result<Report, String> {
         progress.set("draining");
         let last_delivery = drain(&streams, report.expected_deliveries, args.drain_quiet).await;
         let span = last_delivery.saturating_duration_since(start).as_secs_f64();
-        report.server_cpu_s = match (cpu_before, server.and_then(|s| s.cpu_secs())) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
+        watch.cpu_end();
         report.bench_cpu_s = procstat::own_cpu_secs(ticks) - own_before;
         report.delivered = streams.delivered();
         report.deliveries_per_s = if span > 0.0 {
@@ -298,7 +314,9 @@ async fn run(args: Args) -> Result<Report, String> {
         };
         report.latency_us = Latency::from_histogram(&streams.latency());
     }
-    report.rss_end_kib = server.and_then(|s| s.rss_kib());
+    watch.rss(procstat::Phase::End);
+    let open = report.streams_open;
+    watch.fill(&mut report, open);
 
     progress.set("closing");
     streams.stop();
@@ -362,7 +380,12 @@ fn read_marks(
 /// topic (a 2xx answer) and never arrived over all its streams; an event
 /// whose publish request failed and arrived anyway is counted apart (with
 /// --idle-only nothing was published).
-fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64], failed: &[u64]) {
+pub(crate) fn count_loss(
+    report: &mut Report,
+    outcomes: &[Outcome],
+    events_per_topic: &[u64],
+    failed: &[u64],
+) {
     let topics = events_per_topic.len().max(1) as u64;
     let mut failed_by_topic = vec![Vec::new(); events_per_topic.len()];
     for &s in failed {
@@ -409,7 +432,7 @@ fn count_loss(report: &mut Report, outcomes: &[Outcome], events_per_topic: &[u64
 /// Runs the publishers on a thread and runtime of their own, so that their
 /// pacing and their requests do not queue behind thousands of stream tasks:
 /// they should behave like an outside client of the server.
-async fn publish(
+pub(crate) async fn publish(
     plan: Arc<Plan>,
     mode: publisher::Mode,
     pool_max: usize,
@@ -449,7 +472,7 @@ async fn publish(
 
 /// Waits until `expected` deliveries arrived or none arrived for `quiet`;
 /// returns when the last one was seen.
-async fn drain(streams: &Streams, expected: u64, quiet: Duration) -> Instant {
+pub(crate) async fn drain(streams: &Streams, expected: u64, quiet: Duration) -> Instant {
     let mut seen = streams.delivered();
     let mut at = Instant::now();
     loop {
@@ -467,7 +490,7 @@ async fn drain(streams: &Streams, expected: u64, quiet: Duration) -> Instant {
     }
 }
 
-fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
+pub(crate) fn plan(args: &Args, publishers: usize) -> Result<Plan, String> {
     let method = reqwest::Method::from_bytes(args.pub_method.to_ascii_uppercase().as_bytes())
         .map_err(|_| format!("bad --pub-method {:?}", args.pub_method))?;
     let content_type = args.pub_content_type.clone().unwrap_or_else(|| {

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use crate::report::{Proc, Report};
+
 /// Raises the soft open-files limit to the hard one; returns the limit now
 /// in force.
 pub fn raise_nofile() -> u64 {
@@ -111,6 +113,113 @@ impl Server {
 /// This process's user + system CPU seconds.
 pub fn own_cpu_secs(ticks_per_sec: f64) -> f64 {
     cpu_ticks("self").map_or(0.0, |t| t as f64 / ticks_per_sec)
+}
+
+/// The sampled processes of a run: the servers (`--pid`, one per replica)
+/// and the bus (`--bus-pid`), each with its figures so far.
+pub struct Watch {
+    servers: Vec<(Server, Proc)>,
+    bus: Option<(Server, Proc)>,
+    cpu_start: Vec<Option<f64>>,
+}
+
+/// When an RSS sample is taken.
+#[derive(Clone, Copy)]
+pub enum Phase {
+    Before,
+    Idle,
+    End,
+}
+
+impl Watch {
+    pub fn new(pids: &[u32], bus: Option<u32>) -> Result<Watch, String> {
+        let watch = |pid: u32| {
+            Server::new(pid).map(|s| {
+                (
+                    s,
+                    Proc {
+                        pid,
+                        ..Proc::default()
+                    },
+                )
+            })
+        };
+        Ok(Watch {
+            servers: pids.iter().map(|&p| watch(p)).collect::<Result<_, _>>()?,
+            bus: bus.map(watch).transpose()?,
+            cpu_start: Vec::new(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty() && self.bus.is_none()
+    }
+
+    fn all(&mut self) -> impl Iterator<Item = &mut (Server, Proc)> {
+        self.servers.iter_mut().chain(self.bus.as_mut())
+    }
+
+    pub fn rss(&mut self, phase: Phase) {
+        for (s, p) in self.all() {
+            let v = s.rss_kib();
+            match phase {
+                Phase::Before => p.rss_before_kib = v,
+                Phase::Idle => p.rss_idle_kib = v,
+                Phase::End => p.rss_end_kib = v,
+            }
+        }
+    }
+
+    pub fn cpu_start(&mut self) {
+        self.cpu_start = self.all().map(|(s, _)| s.cpu_secs()).collect();
+    }
+
+    pub fn cpu_end(&mut self) {
+        let start = std::mem::take(&mut self.cpu_start);
+        for ((s, p), a) in self.all().zip(start) {
+            p.cpu_s = match (a, s.cpu_secs()) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+        }
+    }
+
+    /// Writes the servers' figures (summed, and each) and the bus's into
+    /// `report`; `open` streams divide the idle growth.
+    pub fn fill(&self, report: &mut Report, open: u64) {
+        let servers: Vec<Proc> = self
+            .servers
+            .iter()
+            .map(|(_, p)| {
+                let mut p = p.clone();
+                if let (Some(idle), Some(before)) = (p.rss_idle_kib, p.rss_before_kib) {
+                    // Each replica's share: the streams are dealt evenly.
+                    let share = open as f64 / self.servers.len() as f64;
+                    if share > 0.0 {
+                        p.rss_per_idle_stream_kib = Some((idle as f64 - before as f64) / share);
+                    }
+                }
+                p
+            })
+            .collect();
+        let sum = |f: fn(&Proc) -> Option<u64>| -> Option<u64> {
+            servers.iter().map(f).sum::<Option<u64>>()
+        };
+        report.server_pid = servers.first().map(|p| p.pid);
+        report.rss_before_kib = sum(|p| p.rss_before_kib);
+        report.rss_idle_kib = sum(|p| p.rss_idle_kib);
+        report.rss_end_kib = sum(|p| p.rss_end_kib);
+        if let (Some(idle), Some(before)) = (report.rss_idle_kib, report.rss_before_kib)
+            && open > 0
+        {
+            report.rss_per_idle_stream_kib = Some((idle as f64 - before as f64) / open as f64);
+        }
+        report.server_cpu_s = servers.iter().map(|p| p.cpu_s).sum::<Option<f64>>();
+        if servers.len() > 1 {
+            report.servers = servers;
+        }
+        report.bus = self.bus.as_ref().map(|(_, p)| p.clone());
+    }
 }
 
 #[cfg(test)]

