@@ -20,7 +20,7 @@ use super::selector::{Selector, any_match};
 use super::{Mercure, Update, UpdateMeta, auth};
 use crate::backend::NewEvent;
 use crate::error::ApiError;
-use crate::hub::{ClientMeta, Filter, Hub};
+use crate::hub::{Filter, Hub};
 use crate::sse::Frame;
 use crate::stream::body::SseBody;
 use crate::stream::{Plane, StreamResponse};
@@ -236,16 +236,7 @@ pub(crate) async fn open(
         req.headers(),
         options.max_selectors,
     )?;
-    if !hub.accepting() {
-        return Err(ApiError {
-            close: req.version() < http::Version::HTTP_2,
-            ..ApiError::unavailable(
-                "shutting_down",
-                "this replica is shutting down; retry (another replica will serve you)",
-                1,
-            )
-        });
-    }
+    crate::stream::check_accepting(hub, req)?;
     let client_ip = plane.limits.client_ip(remote.ip(), req.headers());
     plane.limits.check_rate(remote.ip(), client_ip)?;
     let token = auth::find_token(req.headers(), uri.query(), &options.cookie)
@@ -277,21 +268,10 @@ pub(crate) async fn open(
         }
         None => (None, None),
     };
-    let http1 = req.version() < http::Version::HTTP_2;
-    let meta = ClientMeta {
-        remote_addr: remote,
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
-        protocol: if http1 { "HTTP/1.1" } else { "HTTP/2" },
-        connection: http1.then(|| ended.clone()),
-        client_ip,
-        expires_at: claims
-            .stream_end(options.leeway)
-            .filter(|_| options.end_at_expiry),
-    };
+    let expires_at = claims
+        .stream_end(options.leeway)
+        .filter(|_| options.end_at_expiry);
+    let meta = crate::stream::client_meta(req, remote, ended, client_ip, expires_at);
     let announcer = options
         .subscriptions
         .then(|| Announcer::new(hub.clone(), options.topic.clone(), claims.payload.clone()));

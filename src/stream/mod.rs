@@ -544,17 +544,7 @@ async fn open_stream(
             "streaming (it is reserved for Mercure)",
         ));
     }
-    if !hub.accepting() {
-        return Err(ApiError {
-            // An HTTP/1 client should reconnect elsewhere, not reuse this.
-            close: req.version() < http::Version::HTTP_2,
-            ..ApiError::unavailable(
-                "shutting_down",
-                "this replica is shutting down; retry (another replica will serve you)",
-                1,
-            )
-        });
-    }
+    check_accepting(hub, req)?;
     let client_ip = plane.limits.client_ip(remote.ip(), req.headers());
     plane.limits.check_rate(remote.ip(), client_ip)?;
     let expires_at = match &options.auth {
@@ -563,19 +553,7 @@ async fn open_stream(
     };
     let slot = plane.limits.stream_slot(client_ip)?;
     hub.prepare(&parsed.topics).await?;
-    let http1 = req.version() < http::Version::HTTP_2;
-    let meta = ClientMeta {
-        remote_addr: remote,
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
-        protocol: if http1 { "HTTP/1.1" } else { "HTTP/2" },
-        connection: http1.then(|| ended.clone()),
-        client_ip,
-        expires_at,
-    };
+    let meta = client_meta(req, remote, ended, client_ip, expires_at);
     let sub = hub.subscribe(&parsed.topics, parsed.resume.as_ref(), meta)?;
     record_stream(sub.client().id(), &parsed.topics);
     tracing::debug!(
@@ -592,4 +570,43 @@ async fn open_stream(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(res)
+}
+
+/// 503 `shutting_down` once the hub no longer takes streams (draining).
+pub(crate) fn check_accepting(hub: &Hub, req: &Request<Incoming>) -> Result<(), ApiError> {
+    if hub.accepting() {
+        return Ok(());
+    }
+    Err(ApiError {
+        // An HTTP/1 client should reconnect elsewhere, not reuse this.
+        close: req.version() < http::Version::HTTP_2,
+        ..ApiError::unavailable(
+            "shutting_down",
+            "this replica is shutting down; retry (another replica will serve you)",
+            1,
+        )
+    })
+}
+
+/// What `/clients` shows of a stream opened by `req`.
+pub(crate) fn client_meta(
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+    ended: &CancellationToken,
+    client_ip: std::net::IpAddr,
+    expires_at: Option<std::time::SystemTime>,
+) -> ClientMeta {
+    let http1 = req.version() < http::Version::HTTP_2;
+    ClientMeta {
+        remote_addr: remote,
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+        protocol: if http1 { "HTTP/1.1" } else { "HTTP/2" },
+        connection: http1.then(|| ended.clone()),
+        client_ip,
+        expires_at,
+    }
 }
