@@ -283,15 +283,7 @@ async fn run(args: Args) -> Result<Report, String> {
             plan.end_at(Duration::from_secs_f64(args.duration));
         }
         let mut sent = publish(plan.clone(), mode, pool_max, start).await?;
-        report.planned = plan.planned();
-        report.publish_s = start.elapsed().as_secs_f64();
-        report.published = sent.published();
-        report.publish_requests = sent.requests;
-        report.publish_errors = report::ranked(sent.errors);
-        report.publish_connections = sent.max_in_flight;
-        if let Some(h) = &sent.delay {
-            report.publish_delay_us = Latency::from_histogram(h);
-        }
+        report.record_publishing(&plan, start, &mut sent);
         failed = sent.failed;
         sent.per_topic.resize(args.topics, 0);
         events_per_topic = sent.per_topic;

@@ -293,6 +293,25 @@ fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {
 }
 
 impl Report {
+    /// What the publishers did, from `start`: planned, published, requests,
+    /// errors (taken out of `sent`), connections and the publish delay.
+    pub fn record_publishing(
+        &mut self,
+        plan: &crate::publisher::Plan,
+        start: tokio::time::Instant,
+        sent: &mut crate::publisher::Sent,
+    ) {
+        self.planned = plan.planned();
+        self.publish_s = start.elapsed().as_secs_f64();
+        self.published = sent.published();
+        self.publish_requests = sent.requests;
+        self.publish_errors = ranked(std::mem::take(&mut sent.errors));
+        self.publish_connections = sent.max_in_flight;
+        if let Some(h) = &sent.delay {
+            self.publish_delay_us = Latency::from_histogram(h);
+        }
+    }
+
     /// The publisher mode, as the table shows it.
     fn publisher(&self) -> String {
         match (self.publisher_mode, self.pool_max) {
