@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use common::bench::{assert_delivered_in_full, n};
+use common::bench::{assert_delivered_in_full, n, run_bench};
 use common::*;
 use serde_json::Value;
 use tokio::process::Command;
@@ -18,40 +15,22 @@ async fn bench(gw: &TestGateway, extra: &str) -> Value {
     let url = format!("http://{}/stream?topic={{topic}}", gw.stream);
     let pub_url = gw.control_url("/events");
     let pid = std::process::id().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_streamline-bench"))
-        .args([
-            "--url",
-            &url,
-            "--pub-url",
-            &pub_url,
-            "--pid",
-            &pid,
-            "--quiet",
-        ])
-        // No timing in these tests: a slow machine may delay events but
-        // must not drop them, so the publisher may finish late and
-        // deliveries may pause.
-        .args(["--publish-grace", "120s", "--drain-quiet", "30s"])
-        .args(extra.split_whitespace())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn streamline-bench");
-    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
-        .await
-        .expect("the bench finishes in time")
-        .expect("bench output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("a JSON line");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamline-bench"));
+    cmd.args([
+        "--url",
+        &url,
+        "--pub-url",
+        &pub_url,
+        "--pid",
+        &pid,
+        "--quiet",
+    ])
+    // No timing in these tests: a slow machine may delay events but
+    // must not drop them, so the publisher may finish late and
+    // deliveries may pause.
+    .args(["--publish-grace", "120s", "--drain-quiet", "30s"])
+    .args(extra.split_whitespace());
+    run_bench(cmd).await
 }
 
 fn assert_no_loss(r: &Value, subscribers: u64) {

@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
+use common::bench::run_bench;
 use common::redis::RedisServer;
 use common::*;
 use serde_json::Value;
@@ -75,28 +73,9 @@ async fn streams_over_workers_and_replicas_each_get_every_event_once() {
         "30s",
     ];
     let pub_url = replicas[0].control_url("/events");
-    let child = Command::new(env!("CARGO_BIN_EXE_streamline-bench"))
-        .args(args)
-        .args(["--pub-url", &pub_url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn streamline-bench");
-    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
-        .await
-        .expect("the bench finishes in time")
-        .expect("bench output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("a JSON line");
-    let r: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamline-bench"));
+    cmd.args(args).args(["--pub-url", &pub_url]);
+    let r = run_bench(cmd).await;
 
     assert_eq!(n(&r, "workers"), WORKERS, "{r}");
     assert_eq!(n(&r, "streams_open"), STREAMS, "{r}");
