@@ -69,19 +69,14 @@ esac
 
 log() { echo "churn: $*" >&2; }
 
-if [[ -z ${STREAMLINE_BIN:-} || -z ${BENCH_BIN:-} ]]; then
-    (cd "$ROOT" && cargo build --release --bin streamline --bin streamline-bench >&2)
-    out=${CARGO_TARGET_DIR:-$ROOT/target}/release
-    STREAMLINE_BIN=${STREAMLINE_BIN:-$out/streamline}
-    BENCH_BIN=${BENCH_BIN:-$out/streamline-bench}
-fi
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+find_binaries
 
 # Every stream is a socket in the bench and two in nginx.
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 make_run_dir churn
 
 read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 2)))"

@@ -1,7 +1,17 @@
-# Shared by bench/churn.sh and bench/scale.sh (sourced, not run): a temp
-# dir whose processes (one `NAME.pid` file each) are stopped on exit, waits
-# with deadlines, free loopback ports, and the bus. The sourcing script
+# Shared by bench/churn.sh and bench/scale.sh (sourced, not run): the
+# binaries, a temp dir whose processes (one `NAME.pid` file each) are
+# stopped on exit, waits with deadlines, free loopback ports, and the bus. The sourcing script
 # defines `log`, and sets BUS (redis|kafka) and TOPICS before `start_bus`.
+
+# STREAMLINE_BIN and BENCH_BIN: as given, else built (release) from $ROOT.
+find_binaries() {
+    if [[ -z ${STREAMLINE_BIN:-} || -z ${BENCH_BIN:-} ]]; then
+        (cd "$ROOT" && cargo build --release --bin streamline --bin streamline-bench >&2)
+        local out=${CARGO_TARGET_DIR:-$ROOT/target}/release
+        STREAMLINE_BIN=${STREAMLINE_BIN:-$out/streamline}
+        BENCH_BIN=${BENCH_BIN:-$out/streamline-bench}
+    fi
+}
 
 # Makes DIR, a temp dir named after $1, cleaned up on exit (KEEP=1 keeps it).
 make_run_dir() {

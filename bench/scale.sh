@@ -48,12 +48,9 @@ esac
 
 log() { echo "scale: $*" >&2; }
 
-if [[ -z ${STREAMLINE_BIN:-} || -z ${BENCH_BIN:-} ]]; then
-    (cd "$ROOT" && cargo build --release --bin streamline --bin streamline-bench >&2)
-    out=${CARGO_TARGET_DIR:-$ROOT/target}/release
-    STREAMLINE_BIN=${STREAMLINE_BIN:-$out/streamline}
-    BENCH_BIN=${BENCH_BIN:-$out/streamline-bench}
-fi
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+find_binaries
 
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
@@ -73,8 +70,6 @@ for need in "$PER_REPLICA replica" "$PER_WORKER worker"; do
     fi
 done
 
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 make_run_dir scale
 
 read -r -a PORTS <<<"$(free_ports $((2 * REPLICAS + 1)))"

@@ -11,8 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use http::{HeaderValue, Method, Request, Response, header};
-use http_body_util::Either;
+use http::{HeaderValue, Method, Request};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,6 @@ use crate::backend::NewEvent;
 use crate::error::ApiError;
 use crate::hub::{Filter, Hub};
 use crate::sse::Frame;
-use crate::stream::body::SseBody;
 use crate::stream::{Plane, StreamResponse};
 
 /// What a Mercure stream writes: updates one of its selectors matches and,
@@ -292,14 +290,8 @@ pub(crate) async fn open(
         %client_ip,
         "mercure subscription opened"
     );
-    let mut res = Response::new(Either::Left(SseBody::new(sub).holding(slot)));
+    let mut res = crate::stream::sse_response(sub, slot);
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     if let Some(id) = header_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
         h.insert("last-event-id", id);
     }

@@ -561,6 +561,14 @@ async fn open_stream(
         query = %auth::redact_query(uri.query().unwrap_or("")),
         "stream opened"
     );
+    Ok(sse_response(sub, slot))
+}
+
+/// The 200 answer that carries a stream: unbuffered, never cached.
+pub(crate) fn sse_response(
+    sub: crate::hub::Subscription,
+    slot: Option<crate::limits::StreamSlot>,
+) -> StreamResponse {
     let mut res = Response::new(Either::Left(SseBody::new(sub).holding(slot)));
     let h = res.headers_mut();
     h.insert(
@@ -569,7 +577,7 @@ async fn open_stream(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    res
 }
 
 /// 503 `shutting_down` once the hub no longer takes streams (draining).
