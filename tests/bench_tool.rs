@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::bench::{assert_delivered_in_full, n, run_bench};
+use common::bench::{assert_delivered_in_full, bench_command, n, run_bench};
 use common::*;
 use serde_json::Value;
-use tokio::process::Command;
 
 /// Runs the bench against `gw` with `extra` flags (split at spaces);
 /// returns its JSON line.
@@ -15,7 +14,7 @@ async fn bench(gw: &TestGateway, extra: &str) -> Value {
     let url = format!("http://{}/stream?topic={{topic}}", gw.stream);
     let pub_url = gw.control_url("/events");
     let pid = std::process::id().to_string();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamline-bench"));
+    let mut cmd = bench_command().await;
     cmd.args([
         "--url",
         &url,

@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::bench::{assert_counts, n};
+use common::bench::{assert_counts, bench_bin, n};
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -48,7 +48,7 @@ async fn churn(bus: &str) -> Value {
     let mut cmd = Command::new("bash");
     cmd.args([script, bus, "3", "300", "50"])
         .env("STREAMLINE_BIN", env!("CARGO_BIN_EXE_streamline"))
-        .env("BENCH_BIN", env!("CARGO_BIN_EXE_streamline-bench"))
+        .env("BENCH_BIN", bench_bin().await)
         .env("PAUSE", "2")
         .env("TAIL", "2")
         .env("SHUTDOWN_DELAY", "500ms")

@@ -216,21 +216,28 @@ fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn source_files() -> Vec<PathBuf> {
+/// The sources under `dir` (relative to the repository).
+fn source_files_in(dir: &str) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    rs_files(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-        &mut files,
-    );
+    rs_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut files);
     files.sort();
+    assert!(!files.is_empty(), "no source files in {dir}");
+    files
+}
+
+/// The gateway's sources.
+fn source_files() -> Vec<PathBuf> {
+    let files = source_files_in("src");
     assert!(files.len() > 10, "found only {files:?}");
     files
 }
 
 #[test]
 fn every_source_file_starts_with_a_module_doc_line() {
+    // Both crates: the gateway's and the bench's.
     let missing: Vec<_> = source_files()
         .into_iter()
+        .chain(source_files_in("bench/src"))
         .filter(|f| !std::fs::read_to_string(f).unwrap().starts_with("//!"))
         .collect();
     assert!(missing.is_empty(), "no leading `//!` line: {missing:?}");

@@ -6,11 +6,10 @@
 
 mod common;
 
-use common::bench::run_bench;
+use common::bench::{bench_command, run_bench};
 use common::redis::RedisServer;
 use common::*;
 use serde_json::Value;
-use tokio::process::Command;
 
 const REPLICAS: usize = 3;
 const STREAMS: u64 = 3_000;
@@ -73,7 +72,7 @@ async fn streams_over_workers_and_replicas_each_get_every_event_once() {
         "30s",
     ];
     let pub_url = replicas[0].control_url("/events");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamline-bench"));
+    let mut cmd = bench_command().await;
     cmd.args(args).args(["--pub-url", &pub_url]);
     let r = run_bench(cmd).await;
 

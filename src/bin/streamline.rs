@@ -61,5 +61,7 @@ async fn main() -> ExitCode {
 /// untouched, and jemalloc's size classes keep the untouched pages out of
 /// memory (glibc's chunk headers and arenas touch them). Measured with
 /// `streamline-bench --idle-only`: 10 KiB per idle stream instead of 14.
+/// Without the `jemalloc` feature (default on), the system allocator.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
