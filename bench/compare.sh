@@ -34,12 +34,15 @@ mkdir -p "$out"
 results=$out/results.jsonl
 : > "$results"
 
-bench=${BENCH_BIN:-$CARGO_TARGET_DIR/release/streamline-bench}
-gateway=${STREAMLINE_BIN:-$CARGO_TARGET_DIR/release/streamline}
+ROOT=$repo
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
 if [ -z "${BENCH_BIN:-}" ] || [ -z "${STREAMLINE_BIN:-}" ]; then
   echo "building streamline and streamline-bench (release)..." >&2
-  (cd "$repo" && cargo build --release --quiet --bin streamline --bin streamline-bench)
 fi
+find_binaries
+bench=$BENCH_BIN
+gateway=$STREAMLINE_BIN
 
 # Both the servers and the bench open one socket per stream.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

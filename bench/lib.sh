@@ -1,15 +1,34 @@
-# Shared by bench/churn.sh and bench/scale.sh (sourced, not run): the
+# Shared by bench/churn.sh, bench/scale.sh and bench/compare.sh (sourced, not run): the
 # binaries, a temp dir whose processes (one `NAME.pid` file each) are
 # stopped on exit, waits with deadlines, free loopback ports, and the bus. The sourcing script
 # defines `log`, and sets BUS (redis|kafka) and TOPICS before `start_bus`.
 
-# STREAMLINE_BIN and BENCH_BIN: as given, else built (release) from $ROOT.
+# STREAMLINE_BIN and BENCH_BIN: as given, else built (release) from $ROOT,
+# the gateway's package and the bench's (bench/, the workspace's other
+# member), at the paths cargo reports (wherever its target dir is).
 find_binaries() {
+    if [[ -n ${STREAMLINE_BIN:-} && -n ${BENCH_BIN:-} ]]; then
+        return
+    fi
+    local built name path
+    built=$(cd "$ROOT" && cargo build --release -p streamline -p streamline-bench \
+        --bin streamline --bin streamline-bench --message-format=json-render-diagnostics |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
+')
+    while read -r name path; do
+        case $name in
+            streamline) STREAMLINE_BIN=${STREAMLINE_BIN:-$path} ;;
+            streamline-bench) BENCH_BIN=${BENCH_BIN:-$path} ;;
+        esac
+    done <<<"$built"
     if [[ -z ${STREAMLINE_BIN:-} || -z ${BENCH_BIN:-} ]]; then
-        (cd "$ROOT" && cargo build --release --bin streamline --bin streamline-bench >&2)
-        local out=${CARGO_TARGET_DIR:-$ROOT/target}/release
-        STREAMLINE_BIN=${STREAMLINE_BIN:-$out/streamline}
-        BENCH_BIN=${BENCH_BIN:-$out/streamline-bench}
+        echo "cannot build streamline and streamline-bench" >&2
+        return 1
     fi
 }
 
