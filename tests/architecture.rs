@@ -251,3 +251,33 @@ fn the_metrics_section_names_every_series() {
         "not in ARCHITECTURE.md's metrics section: {missing:?}"
     );
 }
+
+/// The bench (`bench/`, the workspace's other crate) measures the gateway
+/// only over HTTP: it depends on no crate of the gateway and names none.
+#[test]
+fn the_bench_uses_the_gateway_only_over_http() {
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench");
+    let manifest = std::fs::read_to_string(bench.join("Cargo.toml")).unwrap();
+    let deps: Vec<&str> = manifest
+        .lines()
+        .skip_while(|l| !l.starts_with("[dependencies]"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name.trim()))
+        .collect();
+    assert!(!deps.is_empty(), "no [dependencies] in bench/Cargo.toml");
+    assert!(
+        !deps.contains(&"streamline") && !manifest.contains("path = \".."),
+        "bench/Cargo.toml depends on the gateway: {deps:?}"
+    );
+    let mut files = Vec::new();
+    rs_files(&bench.join("src"), &mut files);
+    let naming: Vec<_> = files
+        .iter()
+        .filter(|f| std::fs::read_to_string(f).unwrap().contains("streamline::"))
+        .collect();
+    assert!(
+        naming.is_empty(),
+        "these bench files name the gateway's library: {naming:?}"
+    );
+}
