@@ -15,6 +15,26 @@ use crate::auth::{Credentials, JwtOptions, KeyError, Secret, Verifier};
 use crate::hub::{HubConfig, SlowClientPolicy};
 use crate::stream::cors::Cors;
 
+/// `--slow-client-policy`'s values: the command line's names for the hub's
+/// [`SlowClientPolicy`] (the hub knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowClientPolicyArg {
+    /// End the stream with a `streamline.close` notice (reason `slow`); the
+    /// client resumes from history when it reconnects.
+    Disconnect,
+    /// Jump to the live position with a `streamline.gap` notice (reason `slow`).
+    Skip,
+}
+
+impl From<SlowClientPolicyArg> for SlowClientPolicy {
+    fn from(arg: SlowClientPolicyArg) -> Self {
+        match arg {
+            SlowClientPolicyArg::Disconnect => SlowClientPolicy::Disconnect,
+            SlowClientPolicyArg::Skip => SlowClientPolicy::Skip,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -145,7 +165,7 @@ pub struct Config {
         value_enum,
         default_value = "disconnect"
     )]
-    pub slow_client_policy: SlowClientPolicy,
+    pub slow_client_policy: SlowClientPolicyArg,
 
     /// Time allowed for a client to send its request headers.
     #[arg(long, env = "STREAMLINE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -777,7 +797,7 @@ impl Config {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
             max_lag: self.max_lag,
-            slow_client_policy: self.slow_client_policy,
+            slow_client_policy: self.slow_client_policy.into(),
             // Room for the frames of one PATCH of any shape (SSE framing of
             // tiny events, or of payloads full of line breaks, is at most
             // about 5x their JSON), so a batch reaches prompt readers whole.
