@@ -12,8 +12,34 @@ use ipnet::IpNet;
 
 use crate::auth::{Credentials, JwtOptions, KeyError, Secret, Verifier};
 
+use crate::backend::kafka::KafkaOptions;
+use crate::backend::redis::RedisOptions;
+use crate::control::serve::ControlOptions;
 use crate::hub::{HubConfig, SlowClientPolicy};
+use crate::lifecycle::Timings;
+use crate::mercure::MercureOptions;
+use crate::stream::StreamOptions;
 use crate::stream::cors::Cors;
+
+/// `--slow-client-policy`'s values: the command line's names for the hub's
+/// [`SlowClientPolicy`] (the hub knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowClientPolicyArg {
+    /// End the stream with a `streamline.close` notice (reason `slow`); the
+    /// client resumes from history when it reconnects.
+    Disconnect,
+    /// Jump to the live position with a `streamline.gap` notice (reason `slow`).
+    Skip,
+}
+
+impl From<SlowClientPolicyArg> for SlowClientPolicy {
+    fn from(arg: SlowClientPolicyArg) -> Self {
+        match arg {
+            SlowClientPolicyArg::Disconnect => SlowClientPolicy::Disconnect,
+            SlowClientPolicyArg::Skip => SlowClientPolicy::Skip,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -145,7 +171,7 @@ pub struct Config {
         value_enum,
         default_value = "disconnect"
     )]
-    pub slow_client_policy: SlowClientPolicy,
+    pub slow_client_policy: SlowClientPolicyArg,
 
     /// Time allowed for a client to send its request headers.
     #[arg(long, env = "STREAMLINE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -425,6 +451,31 @@ pub enum ConfigError {
     Mercure(String),
 }
 
+/// What a [`Config`] builds, checked: the options each part of the gateway
+/// receives. [`Config::build`] reads every file a flag names (key and token
+/// files) exactly once, so what was checked is what runs.
+#[derive(Debug)]
+pub struct Options {
+    /// `--replica-id`, or the host name and a random suffix.
+    pub replica_id: String,
+    pub hub: HubConfig,
+    /// The JWT verifier and the control and metrics tokens.
+    pub credentials: Credentials,
+    /// The stream plane's settings, its CORS policy and authentication
+    /// included. `mercure` is left for whoever installs Mercure on a hub.
+    pub stream: StreamOptions,
+    /// The control plane's connection bounds.
+    pub control: ControlOptions,
+    /// With `--mercure`.
+    pub mercure: Option<MercureOptions>,
+    /// With `--redis-url`.
+    pub redis: Option<RedisOptions>,
+    /// With `--kafka-brokers`.
+    pub kafka: Option<KafkaOptions>,
+    /// The shutdown sequence's timings.
+    pub timings: Timings,
+}
+
 fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|source| ConfigError::Read {
         flag,
@@ -439,8 +490,11 @@ impl Config {
         Config::parse_from(["streamline"])
     }
 
-    /// Checks relations between values that clap cannot express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks what clap cannot (relations between values, zero bounds, the
+    /// origins, keys and Kafka settings) and builds the [`Options`] every
+    /// part of the gateway receives: the one place configuration is turned
+    /// into values, so nothing is checked and then built again.
+    pub fn build(&self) -> Result<Options, ConfigError> {
         let needed =
             self.shutdown_delay + self.drain_window + self.write_timeout + Duration::from_secs(1);
         if self.grace_period < needed {
@@ -479,7 +533,7 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
-        self.cors()?;
+        let cors = Cors::new(&self.cors_allow_origin)?;
         for (flag, v, min, max) in [
             ("max-connections", self.max_connections, 1, usize::MAX),
             (
@@ -506,14 +560,30 @@ impl Config {
                 return Err(ConfigError::Range { flag, min, max });
             }
         }
-        self.credentials()?;
-        self.kafka("")?;
-        self.mercure()?;
-        Ok(())
+        let credentials = self.credentials()?;
+        let replica_id = self.replica_id();
+        let kafka = self.kafka(&replica_id)?;
+        let mercure = self.mercure()?;
+        let redis = self.redis(&replica_id);
+        let stream = StreamOptions {
+            auth: self.stream_auth(&credentials),
+            ..self.stream_options(cors)
+        };
+        Ok(Options {
+            hub: self.hub(),
+            control: self.control_options(),
+            timings: self.timings(),
+            replica_id,
+            credentials,
+            stream,
+            mercure,
+            redis,
+            kafka,
+        })
     }
 
     /// Mercure's options with `--mercure` (key files read here).
-    pub fn mercure(&self) -> Result<Option<crate::mercure::MercureOptions>, ConfigError> {
+    fn mercure(&self) -> Result<Option<MercureOptions>, ConfigError> {
         if !self.mercure {
             return Ok(None);
         }
@@ -569,7 +639,7 @@ impl Config {
                 "nobody could subscribe: give a subscriber key or --mercure-anonymous".into(),
             ));
         }
-        Ok(Some(crate::mercure::MercureOptions {
+        Ok(Some(MercureOptions {
             topic: self.mercure_topic.clone(),
             anonymous: self.mercure_anonymous,
             cookie: self.mercure_cookie.clone(),
@@ -582,12 +652,22 @@ impl Config {
         }))
     }
 
+    /// The Redis bus's options, with `--redis-url`.
+    fn redis(&self, replica_id: &str) -> Option<RedisOptions> {
+        Some(RedisOptions {
+            url: self.redis_url.clone()?,
+            prefix: self.redis_prefix.clone(),
+            stream_maxlen: self.redis_stream_maxlen,
+            timeout: self.redis_timeout,
+            max_catch_up: self.max_catch_up,
+            replica_id: replica_id.to_owned(),
+            idempotency_window: self.idempotency_window,
+        })
+    }
+
     /// The Kafka bus's options, with `--kafka-brokers`.
-    pub fn kafka(
-        &self,
-        replica_id: &str,
-    ) -> Result<Option<crate::backend::kafka::KafkaOptions>, ConfigError> {
-        use crate::backend::kafka::{KafkaOptions, TopicMap};
+    fn kafka(&self, replica_id: &str) -> Result<Option<KafkaOptions>, ConfigError> {
+        use crate::backend::kafka::TopicMap;
         let Some(brokers) = &self.kafka_brokers else {
             if !self.kafka_topics.is_empty() {
                 return Err(ConfigError::Kafka(
@@ -643,7 +723,7 @@ impl Config {
     }
 
     /// Builds the JWT verifier and reads the tokens (from their files too).
-    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+    fn credentials(&self) -> Result<Credentials, ConfigError> {
         let public_key = self
             .jwt_public_key
             .as_deref()
@@ -698,7 +778,7 @@ impl Config {
     }
 
     /// `--replica-id`, or the host name and a random suffix.
-    pub fn replica_id(&self) -> String {
+    fn replica_id(&self) -> String {
         if let Some(id) = &self.replica_id {
             return id.clone();
         }
@@ -710,14 +790,9 @@ impl Config {
         format!("{host}-{:06x}", random & 0xff_ffff)
     }
 
-    /// The stream plane's CORS policy, from `--cors-allow-origin`.
-    pub fn cors(&self) -> Result<Cors, ConfigError> {
-        Ok(Cors::new(&self.cors_allow_origin)?)
-    }
-
     /// The shutdown sequence's timings.
-    pub fn timings(&self) -> crate::lifecycle::Timings {
-        crate::lifecycle::Timings {
+    fn timings(&self) -> Timings {
+        Timings {
             shutdown_delay: self.shutdown_delay,
             drain_window: self.drain_window,
             write_timeout: self.write_timeout,
@@ -726,22 +801,22 @@ impl Config {
     }
 
     /// The control plane's connection bounds.
-    pub fn control_options(&self) -> crate::control::serve::ControlOptions {
-        crate::control::serve::ControlOptions {
+    fn control_options(&self) -> ControlOptions {
+        ControlOptions {
             max_connections: self.control_max_connections,
             header_read_timeout: self.control_header_read_timeout,
             body_read_timeout: self.control_body_read_timeout,
         }
     }
 
-    /// The stream plane's settings.
-    pub fn stream_options(&self) -> crate::stream::StreamOptions {
-        crate::stream::StreamOptions {
+    /// The stream plane's settings, with the CORS policy built from
+    /// `--cors-allow-origin`.
+    fn stream_options(&self, cors: Cors) -> StreamOptions {
+        StreamOptions {
             header_read_timeout: self.header_read_timeout,
             write_timeout: self.write_timeout,
             max_stream_topics: self.max_stream_topics,
-            // Checked by `validate` (`Gateway::bind` calls it first).
-            cors: self.cors().unwrap_or_default(),
+            cors,
             max_topic_len: self.max_topic_len,
             max_header_size: self.max_header_size,
             h2_max_streams: self.h2_max_streams,
@@ -750,16 +825,16 @@ impl Config {
             max_streams_per_ip: self.max_streams_per_ip,
             max_conn_rate_per_ip: self.max_conn_rate_per_ip,
             trusted_proxies: crate::client_ip::TrustedProxies::new(self.trusted_proxy.clone()),
-            // Set from `credentials()` by whoever runs the plane.
+            // From the credentials (`build`).
             auth: None,
-            // Set from `mercure()` by whoever runs the plane.
+            // Set by whoever installs Mercure on the plane's hub.
             mercure: None,
         }
     }
 
     /// The stream plane's authentication, given the verifier built by
     /// [`credentials`](Self::credentials); `None` without one.
-    pub fn stream_auth(
+    fn stream_auth(
         &self,
         credentials: &Credentials,
     ) -> Option<Arc<crate::stream::auth::StreamAuth>> {
@@ -772,12 +847,13 @@ impl Config {
         }))
     }
 
-    pub fn hub(&self) -> HubConfig {
+    /// The hub's settings.
+    fn hub(&self) -> HubConfig {
         HubConfig {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
             max_lag: self.max_lag,
-            slow_client_policy: self.slow_client_policy,
+            slow_client_policy: self.slow_client_policy.into(),
             // Room for the frames of one PATCH of any shape (SSE framing of
             // tiny events, or of payloads full of line breaks, is at most
             // about 5x their JSON), so a batch reaches prompt readers whole.
@@ -804,7 +880,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::defaults();
-        c.validate().unwrap();
+        c.build().unwrap();
         assert_eq!(c.control_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.stream_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(c.heartbeat, Duration::from_secs(15));
@@ -863,8 +939,40 @@ mod tests {
         ] {
             let mut args = vec!["streamline"];
             args.extend_from_slice(bad);
-            assert!(Config::parse_from(&args).validate().is_err(), "{bad:?}");
+            assert!(Config::parse_from(&args).build().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn build_gives_every_part_its_options() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c = Config::parse_from([
+            "streamline",
+            "--replica-id",
+            "r7",
+            "--cors-allow-origin",
+            "https://a.example",
+            "--jwt-secret",
+            secret,
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--kafka-brokers",
+            "k:9092",
+            "--kafka-topics",
+            "a",
+            "--slow-client-policy",
+            "skip",
+        ]);
+        let o = c.build().unwrap();
+        assert_eq!(o.replica_id, "r7");
+        assert_eq!(o.redis.unwrap().replica_id, "r7");
+        assert_eq!(o.kafka.unwrap().replica_id, "r7");
+        assert!(o.credentials.jwt.is_some() && o.stream.auth.is_some());
+        assert!(o.mercure.is_none() && o.stream.mercure.is_none());
+        let mut request = http::HeaderMap::new();
+        request.insert(http::header::ORIGIN, "https://a.example".parse().unwrap());
+        assert!(o.stream.cors.allowed(&request).is_some());
+        assert_eq!(o.hub.slow_client_policy, SlowClientPolicy::Skip);
     }
 
     #[test]
@@ -890,9 +998,9 @@ mod tests {
                 "https://c.example"
             ]
         );
-        c.validate().unwrap();
+        c.build().unwrap();
         let c = Config::parse_from(["streamline", "--cors-allow-origin", "https://a.example/app"]);
-        assert!(matches!(c.validate(), Err(ConfigError::Origin(_))));
+        assert!(matches!(c.build(), Err(ConfigError::Origin(_))));
     }
 
     #[test]
@@ -901,7 +1009,7 @@ mod tests {
         let check = |args: &[&str]| {
             let mut all = vec!["streamline"];
             all.extend_from_slice(args);
-            Config::parse_from(all).validate()
+            Config::parse_from(all).build()
         };
         check(&[
             "--jwt-secret",
@@ -972,11 +1080,8 @@ mod tests {
             "--drain-window",
             "10s",
         ]);
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::GraceTooShort { .. })
-        ));
+        assert!(matches!(c.build(), Err(ConfigError::GraceTooShort { .. })));
         let c = Config::parse_from(["streamline", "--max-lag", "0"]);
-        assert!(matches!(c.validate(), Err(ConfigError::Zero("max-lag"))));
+        assert!(matches!(c.build(), Err(ConfigError::Zero("max-lag"))));
     }
 }

@@ -58,7 +58,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use backend::kafka::KafkaBus;
-use backend::redis::{RedisBus, RedisOptions, clients::ClusterClients};
+use backend::redis::{RedisBus, clients::ClusterClients};
 pub use config::Config;
 use hub::Hub;
 use lifecycle::Lifecycle;
@@ -77,6 +77,9 @@ pub struct Gateway {
     replica: Arc<str>,
     credentials: auth::Credentials,
     mercure: Option<Arc<mercure::Mercure>>,
+    stream_options: stream::StreamOptions,
+    control_options: control::serve::ControlOptions,
+    timings: lifecycle::Timings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,10 +100,20 @@ impl Gateway {
     /// Checks the configuration and binds both listeners (port 0 picks a
     /// free port; see [`control_addr`](Self::control_addr)).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        config.validate()?;
-        // Built once here, so a key file cannot change (or vanish) between
-        // the check and its use.
-        let credentials = config.credentials()?;
+        // Checked and built once here: every key and token file is read
+        // once, so a file cannot change (or vanish) between the check and
+        // its use.
+        let config::Options {
+            replica_id,
+            hub: hub_config,
+            credentials,
+            stream: mut stream_options,
+            control: control_options,
+            mercure: mercure_options,
+            redis,
+            kafka,
+            timings,
+        } = config.build()?;
         let bind = |plane, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -112,28 +125,15 @@ impl Gateway {
         };
         let control = bind("control", config.control_addr).await?;
         let stream = bind("stream", config.stream_addr).await?;
-        let hub = Hub::new(config.hub());
-        let mercure = config
-            .mercure()?
-            .map(|options| mercure::Mercure::install(options, &hub));
+        let hub = Hub::new(hub_config);
+        let mercure = mercure_options.map(|options| mercure::Mercure::install(options, &hub));
+        stream_options.mercure = mercure.clone();
         let tracker = TaskTracker::new();
-        let replica: Arc<str> = config.replica_id().into();
-        let redis = match &config.redis_url {
-            Some(url) => {
-                let opts = RedisOptions {
-                    url: url.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    stream_maxlen: config.redis_stream_maxlen,
-                    timeout: config.redis_timeout,
-                    max_catch_up: config.max_catch_up,
-                    replica_id: replica.to_string(),
-                    idempotency_window: config.idempotency_window,
-                };
-                Some(RedisBus::new(opts, &hub, tracker.clone())?)
-            }
+        let redis = match redis {
+            Some(opts) => Some(RedisBus::new(opts, &hub, tracker.clone())?),
             None => None,
         };
-        let kafka = match config.kafka(&replica)? {
+        let kafka = match kafka {
             Some(opts) => Some(KafkaBus::new(opts, &hub, tracker.clone())?),
             None => None,
         };
@@ -153,9 +153,12 @@ impl Gateway {
             tracker,
             redis,
             kafka,
-            replica,
+            replica: replica_id.into(),
             credentials,
             mercure,
+            stream_options,
+            control_options,
+            timings,
         })
     }
 
@@ -187,6 +190,9 @@ impl Gateway {
             replica,
             credentials,
             mercure,
+            mut stream_options,
+            mut control_options,
+            timings,
         } = self;
         let life = Lifecycle::with_tracker(shutdown, tracker.clone());
         let control_addr = control.local_addr().unwrap_or(c.control_addr);
@@ -206,9 +212,6 @@ impl Gateway {
             cluster
         });
 
-        let mut stream_options = c.stream_options();
-        stream_options.auth = c.stream_auth(&credentials);
-        stream_options.mercure = mercure.clone();
         if c.cors_allow_origin.is_empty()
             && let Some(cors) = stream::cors::Cors::operators_page(control_addr)
         {
@@ -218,7 +221,6 @@ impl Gateway {
             );
             stream_options.cors = cors;
         }
-        let mut control_options = c.control_options();
         // Both planes' sockets must fit the open-files limit, or a flood of
         // one makes accept fail on the other.
         let wanted = control::serve::SocketBudget {
@@ -293,7 +295,7 @@ impl Gateway {
             control_addr,
         );
         life.shutdown_requested().await;
-        lifecycle::shut_down(&life, &hub, c.timings()).await;
+        lifecycle::shut_down(&life, &hub, timings).await;
     }
 }
 

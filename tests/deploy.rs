@@ -89,9 +89,7 @@ fn config_from(vars: &BTreeMap<String, String>) -> Config {
         args.push(format!("--{flag}={v}"));
     }
     let config = Config::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    config
-        .validate()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    config.build().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     config
 }
 

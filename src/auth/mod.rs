@@ -62,7 +62,7 @@ impl std::str::FromStr for Secret {
 }
 
 /// The verifier and secrets built from the configuration at start-up
-/// (`Config::credentials`, which reads the key and token files).
+/// (by `Config::build`, which reads the key and token files once).
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     /// Set by `--jwt-secret` or `--jwt-public-key`.

@@ -10,6 +10,7 @@
 
 mod client;
 mod ring;
+mod slow;
 mod subscription;
 
 use std::collections::HashMap;
@@ -18,31 +19,23 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use client::{Client, ClientInfo, ClientMeta};
+pub use slow::SlowClientPolicy;
 pub use subscription::{Chunk, Filter, Subscription};
 
 use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::sse::{self, CloseReason};
-use ring::{Bounds, Topic};
-
-/// What a stream does when it falls more than `max_lag` events behind (see
-/// [`ring`] for how lag is measured).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowClientPolicy {
-    /// End the stream with a `streamline.close` notice (reason `slow`); the
-    /// client resumes from history when it reconnects.
-    Disconnect,
-    /// Jump to the live position with a `streamline.gap` notice (reason `slow`).
-    Skip,
-}
+use ring::{Bounds, Ring};
+use slow::SlowClients;
 
 /// The hub's bounds and behaviour. See `Config` for the defaults.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// Events a stream may fall behind before `slow_client_policy` applies
+    /// (see [`slow`] for how lag is measured).
     pub max_lag: u64,
     pub slow_client_policy: SlowClientPolicy,
     /// Bytes a ring may keep beyond its history for streams still reading
@@ -56,6 +49,16 @@ pub struct HubConfig {
     pub idempotency_window: Duration,
     /// Most keys remembered at once in memory.
     pub idempotency_capacity: usize,
+}
+
+impl HubConfig {
+    /// The slow-client rule these settings make.
+    fn slow_clients(&self) -> SlowClients {
+        SlowClients {
+            policy: self.slow_client_policy,
+            max_lag: self.max_lag,
+        }
+    }
 }
 
 impl Default for HubConfig {
@@ -159,9 +162,9 @@ pub struct Hub {
     /// Hub-wide event sequence: the `lo` part of every position.
     seq: AtomicU64,
     /// Every ring, by key (a topic's name, or `<name>#<partition>`).
-    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    topics: RwLock<HashMap<Arc<str>, Arc<Ring>>>,
     /// Topics split into partition rings: name → rings by partition.
-    partitions: RwLock<HashMap<Arc<str>, Vec<Arc<Topic>>>>,
+    partitions: RwLock<HashMap<Arc<str>, Vec<Arc<Ring>>>>,
     clients: Mutex<HashMap<Arc<str>, Arc<Client>>>,
     next_client: AtomicU64,
     client_tag: u32,
@@ -305,7 +308,7 @@ impl Hub {
         &self.totals
     }
 
-    fn get_topic(&self, name: &str) -> Option<Arc<Topic>> {
+    fn get_topic(&self, name: &str) -> Option<Arc<Ring>> {
         self.read_topics().get(name).cloned()
     }
 
@@ -314,12 +317,12 @@ impl Hub {
         &self,
         name: &str,
         start: impl FnOnce() -> Position,
-    ) -> Result<Arc<Topic>, HubError> {
-        self.create_ring(name, || Topic::new(name.into(), start()))
+    ) -> Result<Arc<Ring>, HubError> {
+        self.create_ring(name, || Ring::new(name.into(), start()))
     }
 
     /// The ring keyed `key`, made by `make` if it does not exist.
-    fn create_ring(&self, key: &str, make: impl FnOnce() -> Topic) -> Result<Arc<Topic>, HubError> {
+    fn create_ring(&self, key: &str, make: impl FnOnce() -> Ring) -> Result<Arc<Ring>, HubError> {
         if let Some(t) = self.get_topic(key) {
             return Ok(t);
         }
@@ -337,7 +340,7 @@ impl Hub {
     }
 
     /// A topic with local positions, created on first use.
-    fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, HubError> {
+    fn topic_or_create(&self, name: &str) -> Result<Arc<Ring>, HubError> {
         self.create_topic(name, || Position::new(self.epoch, self.seq.load(Relaxed)))
     }
 
@@ -360,7 +363,7 @@ impl Hub {
         start: Position,
     ) -> Result<Position, HubError> {
         let ring = self.create_ring(key, || {
-            Topic::ring(key.into(), name.into(), Some(part), start)
+            Ring::partition(key.into(), name.into(), part, start)
         })?;
         let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
         let rings = partitions.entry(ring.name().clone()).or_default();
@@ -393,7 +396,7 @@ impl Hub {
 
     /// The rings of topic `name` that exist now: its partitions' in
     /// partition order, else its only ring, else none.
-    fn rings(&self, name: &str) -> Vec<Arc<Topic>> {
+    fn rings(&self, name: &str) -> Vec<Arc<Ring>> {
         let partitions = self.partitions.read().unwrap_or_else(|e| e.into_inner());
         match partitions.get(name) {
             Some(rings) => rings.clone(),
@@ -401,7 +404,7 @@ impl Hub {
         }
     }
 
-    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Topic>>> {
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Ring>>> {
         self.topics.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -417,9 +420,24 @@ impl Hub {
         Ok(())
     }
 
-    /// Publishes one event locally (no bus) and returns its id
-    /// (`topic:hi-lo`). The caller has validated the topic name and that
-    /// `event` has no line break.
+    // Publishing has three ways in, one per kind of caller:
+    //
+    // - `publish_batch` (and `publish_batch_once`): how the planes publish.
+    //   A checked batch, all or nothing; through the bus when there is one
+    //   (so every replica gives an event the same id), else in memory.
+    // - `publish`: how an application embedding a hub without a bus
+    //   publishes from its own code: one event, synchronously, with no
+    //   `NewEvent` to build and nothing to await.
+    // - `publish_at`: not a publish but a bus's delivery, on every replica,
+    //   of what `publish_batch` sent it: the event at the bus's position.
+    //
+    // The first two share `publish_local`; all three append with `append`.
+
+    /// Publishes one event in memory and returns its id (`topic:hi-lo`),
+    /// for an application embedding a hub without a bus (with a bus, events
+    /// must go through it: use [`publish_batch`](Self::publish_batch)). The
+    /// caller has validated the topic name and that `event` has no line
+    /// break.
     pub fn publish(
         &self,
         topic: &str,
@@ -437,7 +455,7 @@ impl Hub {
         topic: &str,
         event: Option<&str>,
         data: &str,
-    ) -> Result<(String, Arc<Topic>), HubError> {
+    ) -> Result<(String, Arc<Ring>), HubError> {
         let t = self.topic_or_create(topic)?;
         let mut id = String::new();
         let appended = self.append(&t, |_| {
@@ -450,37 +468,12 @@ impl Hub {
     }
 
     /// Publishes a checked batch, all or nothing: through the bus when there
-    /// is one (the events then arrive via `publish_at`), else locally.
+    /// is one (the events then arrive via `publish_at`), else in memory.
     pub async fn publish_batch(&self, events: &[NewEvent]) -> Result<Vec<String>, HubError> {
         if let Some(bus) = self.bus() {
             return Ok(bus.publish(events).await?);
         }
-        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
-        // Each topic's streams are woken once, after the whole batch.
-        let mut ids = Vec::with_capacity(events.len());
-        let mut touched: Vec<Arc<Topic>> = Vec::new();
-        let mut failed = None;
-        for e in events {
-            match self.publish_quietly(&e.topic, e.event.as_deref(), &e.data) {
-                Ok((id, t)) => {
-                    ids.push(id);
-                    if !touched.iter().any(|x| Arc::ptr_eq(x, &t)) {
-                        touched.push(t);
-                    }
-                }
-                Err(err) => {
-                    failed = Some(err);
-                    break;
-                }
-            }
-        }
-        for t in touched {
-            t.notify();
-        }
-        match failed {
-            Some(err) => Err(err),
-            None => Ok(ids),
-        }
+        self.publish_local(events)
     }
 
     /// [`publish_batch`](Self::publish_batch) at most once per `key` within
@@ -505,16 +498,43 @@ impl Hub {
             }
             return Ok(done.ids.clone());
         }
-        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
-        let ids = events
-            .iter()
-            .map(|e| self.publish(&e.topic, e.event.as_deref(), &e.data))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = self.publish_local(events)?;
         table.get_or_insert_with(&key.key, || idempotency::Answer {
             fingerprint: key.fingerprint.clone(),
             ids: ids.clone(),
         });
         Ok(ids)
+    }
+
+    /// Publishes a checked batch in memory: every topic is created first
+    /// (or nothing is published), and each topic's streams are woken once,
+    /// after the whole batch.
+    fn publish_local(&self, events: &[NewEvent]) -> Result<Vec<String>, HubError> {
+        self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
+        let mut ids = Vec::with_capacity(events.len());
+        let mut touched: Vec<Arc<Ring>> = Vec::new();
+        let mut failed = None;
+        for e in events {
+            match self.publish_quietly(&e.topic, e.event.as_deref(), &e.data) {
+                Ok((id, t)) => {
+                    ids.push(id);
+                    if !touched.iter().any(|x| Arc::ptr_eq(x, &t)) {
+                        touched.push(t);
+                    }
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        for t in touched {
+            t.notify();
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(ids),
+        }
     }
 
     /// For buses: appends an event the bus delivered, at the bus's position,
@@ -538,7 +558,7 @@ impl Hub {
 
     fn append(
         &self,
-        t: &Topic,
+        t: &Ring,
         make: impl FnOnce(Position) -> Option<(Position, sse::Frame)>,
     ) -> Option<Position> {
         let (_, pos) = {
@@ -661,16 +681,17 @@ impl Hub {
     /// its rings: the events published that it has not written yet (history
     /// it resumed from included; none while it reads history from a bus).
     /// `None` when its rings cannot be matched to its cursors (a partition
-    /// was added since it subscribed).
+    /// was added since it subscribed). This is the lag shown to operators,
+    /// not the one the slow-client rule judges (see [`slow`]).
     pub fn lag_of(&self, client: &Client) -> Option<u64> {
-        let rings: Vec<Arc<Topic>> = client.topics().iter().flat_map(|t| self.rings(t)).collect();
+        let rings: Vec<Arc<Ring>> = client.topics().iter().flat_map(|t| self.rings(t)).collect();
         if rings.len() != client.ring_count() {
             return None;
         }
-        let behind = rings.iter().enumerate().map(|(i, ring)| {
-            let cursor = client.cursor(i);
-            ring.head().0.saturating_sub(cursor)
-        });
+        let behind = rings
+            .iter()
+            .enumerate()
+            .map(|(i, ring)| slow::events_behind(ring.head().0, client.cursor(i)));
         Some(behind.fold(0u64, u64::saturating_add))
     }
 
@@ -753,7 +774,7 @@ impl Hub {
     /// one row: events summed, and as its last event id the cursor over its
     /// partitions' newest events.
     pub fn topics(&self) -> Vec<TopicInfo> {
-        let mut topics: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
+        let mut topics: Vec<Arc<Ring>> = self.read_topics().values().cloned().collect();
         topics.sort_by(|a, b| (a.name(), a.part()).cmp(&(b.name(), b.part())));
         let mut out: Vec<TopicInfo> = Vec::new();
         let mut last = Cursor::new();
@@ -791,7 +812,7 @@ impl Hub {
     }
 
     /// Runs the hub's timers until `life` stops: a heartbeat every
-    /// `heartbeat`, the lag sample every [`ring::LAG_SAMPLE`], and the sweep
+    /// `heartbeat`, the lag sample every [`slow::LAG_SAMPLE`], and the sweep
     /// that expires history and forgets idle topics. Whoever serves streams
     /// from this hub spawns it once.
     pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
@@ -799,7 +820,7 @@ impl Hub {
         let start = tokio::time::Instant::now();
         let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
         let mut sweep = tokio::time::interval_at(start + SWEEP_EVERY, SWEEP_EVERY);
-        let mut lag = tokio::time::interval_at(start + ring::LAG_SAMPLE, ring::LAG_SAMPLE);
+        let mut lag = tokio::time::interval_at(start + slow::LAG_SAMPLE, slow::LAG_SAMPLE);
         lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -823,22 +844,19 @@ impl Hub {
         self.heartbeat.load(Relaxed)
     }
 
-    /// Takes a lag sample of every ring: what was published before the
-    /// previous sample and is still unwritten is lag; under `disconnect`
-    /// the streams over `max_lag` are ended here (one that stopped reading
-    /// is never polled, so it cannot notice its own lag). Also re-pins each
-    /// ring for the streams that keep up.
+    /// Takes a lag sample of every ring ([`Ring::sample`]) and, under
+    /// `disconnect`, ends the streams the slow-client rule finds behind (one
+    /// that stopped reading is never polled, so it cannot notice its own
+    /// lag). See [`slow`].
     pub fn sample_lag(&self) {
-        let c = &self.config;
-        let close = c.slow_client_policy == SlowClientPolicy::Disconnect;
-        let rings: Vec<Arc<Topic>> = self.read_topics().values().cloned().collect();
-        let slow: usize = rings.iter().map(|t| t.sample(c.max_lag, close)).sum();
-        self.totals.lag_samples.fetch_add(1, Relaxed);
-        if slow > 0 {
-            self.totals
-                .slow_disconnected
-                .fetch_add(slow as u64, Relaxed);
+        let rule = self.config.slow_clients();
+        let rings: Vec<Arc<Ring>> = self.read_topics().values().cloned().collect();
+        for ring in rings {
+            for client in ring.sample(&rule) {
+                slow::disconnect(&client, &self.totals);
+            }
         }
+        self.totals.lag_samples.fetch_add(1, Relaxed);
     }
 
     /// Evicts expired events and forgets local topics that are empty and

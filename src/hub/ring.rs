@@ -1,8 +1,8 @@
-//! One ring's state: a bounded ring of encoded events that is both the
-//! resume history and the live buffer, and the list of its subscribers. A
-//! topic has one ring, or (Kafka) one per partition.
+//! A [`Ring`]: one ring of a topic (its only one, or with Kafka one per
+//! partition), holding a bounded [`Buffer`] of encoded events that is both
+//! the resume history and the live buffer, and the list of its subscribers.
 //!
-//! Subscribers do not own queues: each holds an *ordinal* (the per-topic
+//! Subscribers do not own queues: each holds an *ordinal* (the per-ring
 //! sequence number of the last event it wrote) and reads the ring from there.
 //! Resume and live delivery read the same ring, so there is no seam between
 //! history and live where an event could be lost or repeated.
@@ -13,15 +13,13 @@
 //! a hard cap in bytes. So a batch larger than the history reaches every
 //! stream that reads it promptly, and memory stays bounded.
 //!
-//! Lag is sampled, not counted on every publish: every [`LAG_SAMPLE`] the
-//! hub records each ring's head, and a stream's lag is the number of events
-//! published before the *previous* sample (so at least one interval ago)
-//! that it has not written. A burst of any size that a stream writes within
-//! an interval is never lag; a stream that stops reading is behind once more
-//! than `max_lag` such events wait.
+//! Lag is sampled, not counted on every publish: every
+//! [`LAG_SAMPLE`](super::slow::LAG_SAMPLE) the hub calls [`Ring::sample`],
+//! which records the head and judges each subscriber by the rule in
+//! [`super::slow`] (where lag is defined).
 //!
-//! Architecture invariant: the ring and subscriber locks are never held across
-//! an await, and never both at once.
+//! Architecture invariant: the buffer and subscriber locks are never held
+//! across an await, and never both at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{
@@ -34,22 +32,12 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::client::Client;
+use super::slow::{SlowClients, Verdict};
 use crate::id::Position;
 use crate::sse::Frame;
 
-/// How often each ring's head is sampled for the lag rule.
-pub const LAG_SAMPLE: Duration = Duration::from_secs(1);
-
 /// What one retained event costs besides its frame, for the byte cap.
 const STORED_OVERHEAD: usize = 64;
-
-/// Whether a stream whose lag is measured from `base` (see
-/// [`Client::lag_base`]) is behind, given the ring's lag mark: more than
-/// `max_lag` events published before the previous sample are unwritten.
-/// The one lag formula, used by the sampler and by the stream itself.
-pub fn behind(mark: u64, base: u64, max_lag: u64) -> bool {
-    mark.saturating_sub(base) > max_lag
-}
 
 /// A ring's bounds.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +64,8 @@ impl Stored {
     }
 }
 
-struct Ring {
+/// A ring's events, under its lock.
+struct Buffer {
     events: VecDeque<Stored>,
     /// Ordinal of `events[0]` (ordinals start at 1 and never repeat).
     first: u64,
@@ -87,7 +76,7 @@ struct Ring {
     floor_pos: Position,
     published: u64,
     /// The ordinal after which the bus's log last started again, and the
-    /// position it started after (see [`Topic::reset`]).
+    /// position it started after (see [`Ring::reset`]).
     reset_at: u64,
     reset_pos: Position,
     /// Cost of the events older than the newest `history` (kept only while
@@ -95,7 +84,7 @@ struct Ring {
     extra_bytes: usize,
 }
 
-impl Ring {
+impl Buffer {
     fn head(&self) -> u64 {
         self.first + self.events.len() as u64 - 1
     }
@@ -165,7 +154,7 @@ pub enum Resume {
     Unknown,
 }
 
-pub struct Topic {
+pub struct Ring {
     /// The hub's key for this ring: the topic name, or for one partition of
     /// a partitioned topic `<name>#<partition>` (`#` is never in a name).
     key: Arc<str>,
@@ -189,22 +178,27 @@ pub struct Topic {
     /// lock, before the push's wake-up): a stream that has read everything
     /// finds that out without the lock, which both stream threads share.
     head: AtomicU64,
-    ring: RwLock<Ring>,
+    buffer: RwLock<Buffer>,
     subscribers: Mutex<Slab<(Arc<Client>, usize)>>,
     /// How many times the ring was reset: streams compare it with the count
     /// they last saw, without taking the ring's lock.
     resets: AtomicU64,
 }
 
-impl Topic {
+impl Ring {
     /// A topic's only ring, keyed by its name.
     pub fn new(name: Arc<str>, start: Position) -> Self {
-        Self::ring(name.clone(), name, None, start)
+        Self::keyed(name.clone(), name, None, start)
     }
 
-    /// A ring with its own key (see [`Topic::part`]).
-    pub fn ring(key: Arc<str>, name: Arc<str>, part: Option<u64>, start: Position) -> Self {
-        Topic {
+    /// The ring of partition `part` of topic `name`, keyed `key` (see
+    /// [`Ring::part`]).
+    pub fn partition(key: Arc<str>, name: Arc<str>, part: u64, start: Position) -> Self {
+        Self::keyed(key, name, Some(part), start)
+    }
+
+    fn keyed(key: Arc<str>, name: Arc<str>, part: Option<u64>, start: Position) -> Self {
+        Ring {
             key,
             name,
             part,
@@ -213,7 +207,7 @@ impl Topic {
             sampled: AtomicU64::new(0),
             pin: AtomicU64::new(u64::MAX),
             head: AtomicU64::new(0),
-            ring: RwLock::new(Ring {
+            buffer: RwLock::new(Buffer {
                 events: VecDeque::new(),
                 first: 1,
                 head_pos: start,
@@ -258,11 +252,11 @@ impl Topic {
         make: impl FnOnce(Position) -> Option<(Position, Frame)>,
         bounds: &Bounds,
     ) -> Option<(u64, Position)> {
-        let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
         // Taken under the lock, so ages in the ring never go backwards.
         let now = Instant::now();
-        let (pos, frame) = make(ring.head_pos)?;
-        ring.push(
+        let (pos, frame) = make(buf.head_pos)?;
+        buf.push(
             Stored {
                 pos,
                 at: now,
@@ -270,29 +264,29 @@ impl Topic {
             },
             bounds.history,
         );
-        ring.head_pos = pos;
-        ring.published += 1;
-        ring.evict(bounds, now, self.pin.load(Relaxed));
-        self.head.store(ring.head(), Release);
-        Some((ring.head(), pos))
+        buf.head_pos = pos;
+        buf.published += 1;
+        buf.evict(bounds, now, self.pin.load(Relaxed));
+        self.head.store(buf.head(), Release);
+        Some((buf.head(), pos))
     }
 
     /// Starts the ring again after `start`, forgetting every event: the bus's
     /// log behind it restarted (a Kafka topic re-created, or a broker that
     /// lost it), so its positions start again below the ring's. Ordinals go
-    /// on; each subscriber learns it from [`Topic::resets`] and continues
-    /// from [`Topic::reset_point`]. Wakes them.
+    /// on; each subscriber learns it from [`Ring::resets`] and continues
+    /// from [`Ring::reset_point`]. Wakes them.
     pub fn reset(&self, start: Position) {
         {
-            let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
-            let head = ring.head();
-            ring.events.clear();
-            ring.extra_bytes = 0;
-            ring.first = head + 1;
-            ring.head_pos = start;
-            ring.floor_pos = start;
-            ring.reset_at = head;
-            ring.reset_pos = start;
+            let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+            let head = buf.head();
+            buf.events.clear();
+            buf.extra_bytes = 0;
+            buf.first = head + 1;
+            buf.head_pos = start;
+            buf.floor_pos = start;
+            buf.reset_at = head;
+            buf.reset_pos = start;
             self.resets.fetch_add(1, Relaxed);
         }
         self.notify();
@@ -306,33 +300,33 @@ impl Topic {
     /// Where a subscriber goes on after a reset: the reset count, the
     /// ordinal after which the new log's events are, and its position.
     pub fn reset_point(&self) -> (u64, u64, Position) {
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
         // Read under the lock, so it matches `reset_at`.
         let resets = self.resets.load(Relaxed);
-        (resets, ring.reset_at, ring.reset_pos)
+        (resets, buf.reset_at, buf.reset_pos)
     }
 
     /// Drops expired events; true when the topic is empty and unsubscribed,
     /// so the hub may forget it.
     pub fn sweep(&self, bounds: &Bounds) -> bool {
         let empty = {
-            let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
-            ring.evict(bounds, Instant::now(), self.pin.load(Relaxed));
-            ring.events.is_empty()
+            let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+            buf.evict(bounds, Instant::now(), self.pin.load(Relaxed));
+            buf.events.is_empty()
         };
         empty && self.subscriber_count() == 0
     }
 
     /// The newest ordinal and position.
     pub fn head(&self) -> (u64, Position) {
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        (ring.head(), ring.head_pos)
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
+        (buf.head(), buf.head_pos)
     }
 
     pub fn stats(&self) -> (u64, Option<Position>) {
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        let last = (ring.published > 0).then_some(ring.head_pos);
-        (ring.published, last)
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
+        let last = (buf.published > 0).then_some(buf.head_pos);
+        (buf.published, last)
     }
 
     /// The event after ordinal `after`.
@@ -343,16 +337,16 @@ impl Topic {
         if after >= self.head.load(Acquire) {
             return Read::Empty;
         }
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        if after >= ring.head() {
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
+        if after >= buf.head() {
             return Read::Empty;
         }
-        if after + 1 < ring.first {
+        if after + 1 < buf.first {
             return Read::Overrun {
-                floor: ring.floor_pos,
+                floor: buf.floor_pos,
             };
         }
-        let ev = &ring.events[(after + 1 - ring.first) as usize];
+        let ev = &buf.events[(after + 1 - buf.first) as usize];
         Read::Event(after + 1, ev.pos, ev.frame.clone())
     }
 
@@ -360,28 +354,28 @@ impl Topic {
     /// and that ordinal's position. Reading history older than this is
     /// replaying expired events.
     pub fn history_start(&self, bounds: &Bounds) -> (u64, Position) {
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        let (idx, floor) = ring.history_start(bounds, Instant::now());
-        (ring.first + idx as u64 - 1, floor)
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
+        let (idx, floor) = buf.history_start(bounds, Instant::now());
+        (buf.first + idx as u64 - 1, floor)
     }
 
     /// Finds where a client that last saw `pos` should resume: only the
     /// history counts (pinned events beyond it are not replayed), so its
     /// age is enforced here, not only by the sweep.
     pub fn locate(&self, pos: Position, bounds: &Bounds) -> Resume {
-        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
-        if pos > ring.head_pos {
+        let buf = self.buffer.read().unwrap_or_else(|e| e.into_inner());
+        if pos > buf.head_pos {
             return Resume::Unknown;
         }
-        let (start, floor) = ring.history_start(bounds, Instant::now());
+        let (start, floor) = buf.history_start(bounds, Instant::now());
         if pos < floor {
             return Resume::Expired {
                 floor,
-                after: ring.first + start as u64 - 1,
+                after: buf.first + start as u64 - 1,
             };
         }
-        let idx = ring.events.partition_point(|ev| ev.pos <= pos);
-        Resume::At(ring.first + idx as u64 - 1, pos)
+        let idx = buf.events.partition_point(|ev| ev.pos <= pos);
+        Resume::At(buf.first + idx as u64 - 1, pos)
     }
 
     /// Joins a subscriber whose cursor and lag base are set; it pins the
@@ -424,28 +418,31 @@ impl Topic {
         }
     }
 
-    /// The head at the previous lag sample: see [`behind`].
+    /// The head at the previous lag sample: what the slow-client rule
+    /// measures lag up to (see [`super::slow`]).
     pub fn lag_mark(&self) -> u64 {
         self.lag_mark.load(Relaxed)
     }
 
     /// Takes a lag sample: moves the lag mark to the head of the previous
-    /// sample, re-pins for the streams that are not behind, and with
-    /// `close` ends those that are (a stream that stopped reading is never
-    /// polled, so it cannot notice its own lag). Returns how many it ended.
-    pub fn sample(&self, max_lag: u64, close: bool) -> usize {
+    /// sample, judges each subscriber by `rule`, and re-pins for those that
+    /// are not behind. Returns those the rule disconnects, for the caller
+    /// to close outside this ring's lock (a stream that stopped reading is
+    /// never polled, so it cannot notice its own lag).
+    pub fn sample(&self, rule: &SlowClients) -> Vec<Arc<Client>> {
         let (head, _) = self.head();
         let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         let mark = self.sampled.swap(head, Relaxed);
         self.lag_mark.store(mark, Relaxed);
         let mut pin = u64::MAX;
-        let mut slow = 0;
+        let mut slow = Vec::new();
         for (_, (client, index)) in subs.iter() {
             let base = client.lag_base(*index);
-            if !behind(mark, base, max_lag) {
-                pin = pin.min(base);
-            } else if close && client.close(crate::sse::CloseReason::Slow) {
-                slow += 1;
+            match rule.judge(mark, base) {
+                Verdict::Keep => pin = pin.min(base),
+                // It skips when it next reads.
+                Verdict::Skip => {}
+                Verdict::Disconnect => slow.push(client.clone()),
             }
         }
         self.pin.store(pin, Relaxed);
@@ -456,6 +453,7 @@ impl Topic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::slow::SlowClientPolicy;
     use crate::sse::encode_event;
 
     /// A client reading one topic.
@@ -468,8 +466,12 @@ mod tests {
         ))
     }
 
-    fn topic() -> Topic {
-        Topic::new("t".into(), Position::new(7, 0))
+    fn rule(policy: SlowClientPolicy, max_lag: u64) -> SlowClients {
+        SlowClients { policy, max_lag }
+    }
+
+    fn ring() -> Ring {
+        Ring::new("t".into(), Position::new(7, 0))
     }
 
     fn bounds(history: usize) -> Bounds {
@@ -480,19 +482,19 @@ mod tests {
         }
     }
 
-    fn push_with(t: &Topic, lo: u64, b: &Bounds) -> u64 {
+    fn push_with(t: &Ring, lo: u64, b: &Bounds) -> u64 {
         let pos = Position::new(7, lo);
         let make = |_| Some((pos, encode_event(&format!("t:{pos}"), None, "x")));
         t.push(make, b).unwrap().0
     }
 
-    fn push(t: &Topic, lo: u64, history: usize) -> u64 {
+    fn push(t: &Ring, lo: u64, history: usize) -> u64 {
         push_with(t, lo, &bounds(history))
     }
 
     #[test]
     fn reads_in_order_then_empty() {
-        let t = topic();
+        let t = ring();
         assert!(matches!(t.read(0), Read::Empty));
         push(&t, 3, 10);
         push(&t, 5, 10);
@@ -509,7 +511,7 @@ mod tests {
 
     #[test]
     fn eviction_is_reported_as_overrun_and_expired() {
-        let t = topic();
+        let t = ring();
         let b = bounds(3);
         for lo in 1..=5 {
             push(&t, lo, 3);
@@ -538,24 +540,30 @@ mod tests {
 
     #[test]
     fn lag_counts_only_events_from_before_the_previous_sample() {
-        let t = topic();
+        let t = ring();
         for lo in 1..=10 {
             push(&t, lo, 100);
         }
+        let (lag_3, lag_9, lag_10) = (
+            rule(SlowClientPolicy::Skip, 3),
+            rule(SlowClientPolicy::Skip, 9),
+            rule(SlowClientPolicy::Skip, 10),
+        );
         // Published after every sample so far: not lag, however many.
-        assert!(!behind(t.lag_mark(), 0, 3));
-        t.sample(3, false);
-        assert!(!behind(t.lag_mark(), 0, 3), "one sample is not enough");
-        t.sample(3, false);
+        assert_eq!(lag_3.judge(t.lag_mark(), 0), Verdict::Keep);
+        t.sample(&lag_3);
+        let verdict = lag_3.judge(t.lag_mark(), 0);
+        assert_eq!(verdict, Verdict::Keep, "one sample is not enough");
+        t.sample(&lag_3);
         assert_eq!(t.lag_mark(), 10);
-        assert!(behind(t.lag_mark(), 0, 9));
-        assert!(!behind(t.lag_mark(), 0, 10));
-        assert!(!behind(t.lag_mark(), 7, 3));
+        assert_eq!(lag_9.judge(t.lag_mark(), 0), Verdict::Skip);
+        assert_eq!(lag_10.judge(t.lag_mark(), 0), Verdict::Keep);
+        assert_eq!(lag_3.judge(t.lag_mark(), 7), Verdict::Keep);
     }
 
     #[test]
     fn resume_from_the_start_of_an_empty_topic() {
-        let t = topic();
+        let t = ring();
         let b = bounds(10);
         assert!(matches!(
             t.locate(Position::new(7, 0), &b),
@@ -570,7 +578,7 @@ mod tests {
 
     #[test]
     fn ttl_evicts_old_events() {
-        let t = topic();
+        let t = ring();
         let b = Bounds {
             ttl: Duration::ZERO,
             ..bounds(10)
@@ -583,7 +591,7 @@ mod tests {
 
     #[test]
     fn history_past_its_age_is_not_resumed_even_before_a_sweep() {
-        let t = topic();
+        let t = ring();
         let keep = bounds(10);
         for lo in 1..=3 {
             push(&t, lo, 10);
@@ -611,7 +619,7 @@ mod tests {
     #[test]
     fn events_a_keeping_up_subscriber_needs_are_pinned_up_to_the_byte_cap() {
         let client = reader("c");
-        let t = topic();
+        let t = ring();
         t.subscribe(client.clone(), 0);
         // A batch of 20 with a history of 5: all of it stays for the reader.
         for lo in 1..=20 {
@@ -620,13 +628,13 @@ mod tests {
         assert!(matches!(t.read(0), Read::Event(1, _, _)));
         // A stream that has read it all releases it at the next sample.
         client.set_cursor(0, 20);
-        t.sample(100, false);
+        t.sample(&rule(SlowClientPolicy::Skip, 100));
         push(&t, 21, 5);
         assert!(matches!(t.read(15), Read::Overrun { .. }));
         assert!(matches!(t.read(16), Read::Event(17, _, _)));
 
         // Beyond the byte cap even a pinned event goes.
-        let t = topic();
+        let t = ring();
         let cost = encode_event("t:7-1", None, "x").len() + STORED_OVERHEAD;
         let small = Bounds {
             pinned_bytes: 3 * cost,
@@ -642,20 +650,18 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_that_is_behind_pins_nothing_and_may_be_closed() {
+    fn a_stream_that_is_behind_pins_nothing_and_is_handed_back_to_close() {
         let client = reader("c");
-        let t = topic();
+        let t = ring();
         t.subscribe(client.clone(), 0);
         for lo in 1..=10 {
             push(&t, lo, 3);
         }
-        assert_eq!(t.sample(5, true), 0);
-        assert_eq!(
-            t.sample(5, true),
-            1,
-            "10 unread from before the previous sample"
-        );
-        assert_eq!(client.close_reason(), Some(crate::sse::CloseReason::Slow));
+        let disconnect = rule(SlowClientPolicy::Disconnect, 5);
+        assert!(t.sample(&disconnect).is_empty());
+        let slow = t.sample(&disconnect);
+        assert_eq!(slow.len(), 1, "10 unread from before the previous sample");
+        assert!(Arc::ptr_eq(&slow[0], &client));
         push(&t, 11, 3);
         assert!(matches!(t.read(0), Read::Overrun { .. }));
     }

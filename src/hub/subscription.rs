@@ -8,15 +8,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::client::{Client, ClientMeta};
-use super::ring::{self, Read, Resume, Topic};
-use super::{Hub, HubError, SlowClientPolicy};
+use super::ring::{Read, Resume, Ring};
+use super::slow::{self, Verdict};
+use super::{Hub, HubError};
 use crate::backend::{CatchUp, StoredEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason, GapReason};
@@ -33,7 +33,7 @@ pub trait Filter: Send + Sync + 'static {
 const CATCHING_UP: u64 = u64::MAX;
 
 struct Sub {
-    topic: Arc<Topic>,
+    ring: Arc<Ring>,
     key: usize,
     /// Position of the last event written (or where the stream started).
     last: Position,
@@ -94,7 +94,7 @@ impl Subscription {
         // With a bus, the rings of followed topics exist (`Hub::prepare`):
         // one per topic, or one per partition. In-memory, each topic's one
         // ring is created below, once the client is registered.
-        let rings: Vec<Vec<Arc<Topic>>> = match &bus {
+        let rings: Vec<Vec<Arc<Ring>>> = match &bus {
             None => Vec::new(),
             Some(_) => topics.iter().map(|name| hub.rings(name)).collect(),
         };
@@ -135,12 +135,12 @@ impl Subscription {
                     return Err(e);
                 }
             };
-            for topic in found {
+            for ring in found {
                 let index = subs.len();
-                let (head, head_pos) = topic.head();
-                let resets = topic.resets();
+                let (head, head_pos) = ring.head();
+                let resets = ring.resets();
                 let mut s = Sub {
-                    topic,
+                    ring,
                     key: 0,
                     last: head_pos,
                     skip_upto: None,
@@ -150,7 +150,7 @@ impl Subscription {
                 let mut ordinal = head;
                 // A partition's entry is the one with its `hi`; a partition
                 // missing from the cursor starts live.
-                let seen = resume.and_then(|c| match s.topic.part() {
+                let seen = resume.and_then(|c| match s.ring.part() {
                     Some(part) => c.get_at(name, part),
                     None => c.get(name),
                 });
@@ -160,12 +160,12 @@ impl Subscription {
                         sub.hub.note_unknown_origin();
                         gaps.push((index, GapReason::UnknownOrigin))
                     }
-                    Some(pos) => match s.topic.locate(pos, &sub.hub.bounds()) {
+                    Some(pos) => match s.ring.locate(pos, &sub.hub.bounds()) {
                         Resume::At(o, p) => (ordinal, s.last) = (o, p),
                         Resume::Expired { floor, after } => match &bus {
                             Some(bus) => {
                                 s.last = pos;
-                                let rx = bus.catch_up(s.topic.key(), pos, floor);
+                                let rx = bus.catch_up(s.ring.key(), pos, floor);
                                 s.catch_up = Some(CatchUpReader::new(rx));
                                 ordinal = CATCHING_UP;
                             }
@@ -180,7 +180,7 @@ impl Subscription {
                                 // Not reached here yet — or from before the
                                 // bus's log started again: the bus can tell.
                                 (s.last, s.skip_upto) = (pos, Some(pos));
-                                if let Some(rx) = bus.probe(s.topic.key(), pos) {
+                                if let Some(rx) = bus.probe(s.ring.key(), pos) {
                                     s.catch_up = Some(CatchUpReader::new(rx));
                                     ordinal = CATCHING_UP;
                                 }
@@ -196,7 +196,7 @@ impl Subscription {
                 s.key = {
                     // Held so a sweep cannot forget the topic before we join it.
                     let _topics = sub.hub.read_topics();
-                    s.topic.subscribe(sub.client.clone(), index)
+                    s.ring.subscribe(sub.client.clone(), index)
                 };
                 subs.push(s);
             }
@@ -209,7 +209,7 @@ impl Subscription {
             let id = sub.cursor_id();
             pending.push_back(sse::gap_notice(
                 &id,
-                &sub.subs[index].topic.name()[..],
+                &sub.subs[index].ring.name()[..],
                 reason,
             ));
         }
@@ -225,7 +225,7 @@ impl Subscription {
     fn cursor_id(&self) -> String {
         let mut c = Cursor::new();
         for s in self.subs.iter() {
-            c.push(s.topic.name(), s.last);
+            c.push(s.ring.name(), s.last);
         }
         c.to_string()
     }
@@ -308,11 +308,11 @@ impl Subscription {
     }
 
     fn step(&mut self, i: usize, cx: &mut Context<'_>) -> Step {
-        if self.subs[i].topic.resets() != self.subs[i].resets {
+        if self.subs[i].ring.resets() != self.subs[i].resets {
             self.after_reset(i);
             return Step::Nothing;
         }
-        let max_lag = self.hub.config.max_lag;
+        let rule = self.hub.config.slow_clients();
         let in_memory = self.hub.bus().is_none();
         loop {
             if self.subs[i].catch_up.is_some() {
@@ -323,8 +323,9 @@ impl Subscription {
             }
             let after = self.client.cursor(i);
             let sub = &mut self.subs[i];
-            if ring::behind(sub.topic.lag_mark(), self.client.lag_base(i), max_lag) {
-                self.fall_behind(i);
+            let verdict = rule.judge(sub.ring.lag_mark(), self.client.lag_base(i));
+            if verdict != Verdict::Keep {
+                self.fall_behind(i, verdict);
                 return Step::Nothing;
             }
             // Replaying history (what was published before the stream
@@ -332,13 +333,13 @@ impl Subscription {
             // if the ring still holds it.
             let replaying = after < self.client.joined_at(i);
             if in_memory && replaying {
-                let (start, _) = sub.topic.history_start(&self.hub.bounds());
+                let (start, _) = sub.ring.history_start(&self.hub.bounds());
                 if after < start {
                     self.skip_expired(i);
                     return Step::Nothing;
                 }
             }
-            match sub.topic.read(after) {
+            match sub.ring.read(after) {
                 Read::Empty => return Step::Nothing,
                 Read::Event(ordinal, pos, frame) => {
                     self.client.set_cursor(i, ordinal);
@@ -362,7 +363,7 @@ impl Subscription {
                 // from the bus: the ring's size never judges a stream.
                 Read::Overrun { floor } if !in_memory => {
                     if let Some(bus) = self.hub.bus() {
-                        let rx = bus.catch_up(sub.topic.key(), sub.last, floor);
+                        let rx = bus.catch_up(sub.ring.key(), sub.last, floor);
                         sub.catch_up = Some(CatchUpReader::new(rx));
                         self.client.set_cursor(i, CATCHING_UP);
                     }
@@ -371,8 +372,10 @@ impl Subscription {
                     self.skip_expired(i);
                     return Step::Nothing;
                 }
+                // In memory, unread events evicted (past the pinned cap)
+                // make a stream slow whatever its lag.
                 Read::Overrun { .. } => {
-                    self.fall_behind(i);
+                    self.fall_behind(i, rule.slow());
                     return Step::Nothing;
                 }
             }
@@ -388,7 +391,7 @@ impl Subscription {
             let reader = sub.catch_up.as_mut()?;
             if let Some(ev) = reader.buf.pop_front() {
                 sub.last = ev.pos;
-                let name = sub.topic.name().clone();
+                let name = sub.ring.name().clone();
                 if let Some(encoder) = self.hub.encoder_for(&name) {
                     let frame = encoder.encode(ev.pos, ev.event.as_deref(), &ev.data, false);
                     if self.filter.as_ref().is_some_and(|f| !f.admits(&frame)) {
@@ -414,7 +417,7 @@ impl Subscription {
                     // The notice, then every event the bus still has.
                     sub.last = sub.last.max(upto);
                     let id = self.cursor_id();
-                    let name = self.subs[i].topic.name().clone();
+                    let name = self.subs[i].ring.name().clone();
                     self.push_gap(sse::gap_notice(&id, &name, GapReason::Expired));
                     return Some(Step::Nothing);
                 }
@@ -435,23 +438,23 @@ impl Subscription {
                     self.client.close(CloseReason::Unavailable);
                     return Some(Step::Nothing);
                 }
-                Poll::Ready(None) => match sub.topic.locate(sub.last, &bounds) {
+                Poll::Ready(None) => match sub.ring.locate(sub.last, &bounds) {
                     Resume::At(ordinal, _) => {
                         sub.catch_up = None;
                         self.client.set_cursor(i, ordinal);
-                        sub.topic.hold(self.client.lag_base(i));
+                        sub.ring.hold(self.client.lag_base(i));
                         return None;
                     }
                     // The ring moved on while we read: read up to its new start.
                     Resume::Expired { floor, .. } => {
                         let rx = match self.hub.bus() {
-                            Some(bus) => bus.catch_up(sub.topic.key(), sub.last, floor),
+                            Some(bus) => bus.catch_up(sub.ring.key(), sub.last, floor),
                             None => return Some(Step::Nothing),
                         };
                         sub.catch_up = Some(CatchUpReader::new(rx));
                     }
                     Resume::Unknown => {
-                        let (head, _) = sub.topic.head();
+                        let (head, _) = sub.ring.head();
                         sub.skip_upto = Some(sub.last);
                         sub.catch_up = None;
                         self.client.set_cursor(i, head);
@@ -465,7 +468,7 @@ impl Subscription {
     /// The ring was reset under the stream: a gap notice (reason `reset`),
     /// then the new log's events from the ring.
     fn after_reset(&mut self, i: usize) {
-        let (resets, ordinal, start) = self.subs[i].topic.reset_point();
+        let (resets, ordinal, start) = self.subs[i].ring.reset_point();
         self.client.set_cursor(i, ordinal);
         let sub = &mut self.subs[i];
         sub.resets = resets;
@@ -473,7 +476,7 @@ impl Subscription {
         sub.skip_upto = None;
         sub.last = start;
         let id = self.cursor_id();
-        let name = self.subs[i].topic.name().clone();
+        let name = self.subs[i].ring.name().clone();
         self.pending
             .push_back(sse::gap_notice(&id, &name, GapReason::Reset));
     }
@@ -486,21 +489,21 @@ impl Subscription {
         self.subs[i].last = start;
         self.subs[i].skip_upto = None;
         let id = self.cursor_id();
-        let name = self.subs[i].topic.name().clone();
+        let name = self.subs[i].ring.name().clone();
         self.pending
             .push_back(sse::gap_notice(&id, &name, GapReason::Reset));
         let sub = &mut self.subs[i];
-        match sub.topic.locate(start, &self.hub.bounds()) {
+        match sub.ring.locate(start, &self.hub.bounds()) {
             Resume::At(ordinal, _) => self.client.set_cursor(i, ordinal),
             Resume::Expired { floor, .. } => {
                 if let Some(bus) = self.hub.bus() {
-                    let rx = bus.catch_up(sub.topic.key(), start, floor);
+                    let rx = bus.catch_up(sub.ring.key(), start, floor);
                     sub.catch_up = Some(CatchUpReader::new(rx));
                 }
             }
             // The ring is at the very start too.
             Resume::Unknown => {
-                let (head, _) = sub.topic.head();
+                let (head, _) = sub.ring.head();
                 self.client.set_cursor(i, head);
             }
         }
@@ -509,14 +512,14 @@ impl Subscription {
     /// Skips what is older than topic `i`'s history with a gap notice
     /// (reason `expired`), then reads every event the history still holds.
     fn skip_expired(&mut self, i: usize) {
-        let (after, floor) = self.subs[i].topic.history_start(&self.hub.bounds());
+        let (after, floor) = self.subs[i].ring.history_start(&self.hub.bounds());
         self.client.set_cursor(i, after);
         let sub = &mut self.subs[i];
         sub.last = floor;
         sub.skip_upto = None;
-        sub.topic.hold(self.client.lag_base(i));
+        sub.ring.hold(self.client.lag_base(i));
         let id = self.cursor_id();
-        let name = self.subs[i].topic.name().clone();
+        let name = self.subs[i].ring.name().clone();
         self.push_gap(sse::gap_notice(&id, &name, GapReason::Expired));
     }
 
@@ -528,24 +531,24 @@ impl Subscription {
     }
 
     fn jump_to_live(&mut self, i: usize, reason: GapReason) {
-        let (head, head_pos) = self.subs[i].topic.head();
+        let (head, head_pos) = self.subs[i].ring.head();
         self.client.set_cursor(i, head);
         self.subs[i].last = head_pos;
         self.subs[i].skip_upto = None;
         let id = self.cursor_id();
-        let name = self.subs[i].topic.name().clone();
+        let name = self.subs[i].ring.name().clone();
         self.push_gap(sse::gap_notice(&id, &name, reason));
     }
 
-    fn fall_behind(&mut self, i: usize) {
-        match self.hub.config.slow_client_policy {
-            SlowClientPolicy::Disconnect => {
-                if self.client.close(CloseReason::Slow) {
-                    self.hub.totals.slow_disconnected.fetch_add(1, Relaxed);
-                }
+    /// Applies the slow-client rule's verdict on ring `i` (see [`slow`]).
+    fn fall_behind(&mut self, i: usize, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Disconnect => {
+                slow::disconnect(&self.client, &self.hub.totals);
             }
-            SlowClientPolicy::Skip => {
-                self.hub.totals.slow_skipped.fetch_add(1, Relaxed);
+            Verdict::Skip => {
+                slow::count_skip(&self.hub.totals);
                 self.jump_to_live(i, GapReason::Slow);
             }
         }
@@ -564,7 +567,7 @@ impl CatchUpReader {
 impl Drop for Subscription {
     fn drop(&mut self) {
         for s in self.subs.iter() {
-            s.topic.unsubscribe(s.key);
+            s.ring.unsubscribe(s.key);
         }
         self.hub.deregister_client(&self.client);
     }
