@@ -270,6 +270,49 @@ impl Subscription {
         }
     }
 
+    /// What [`poll_next`](Self::poll_next) would return next, one event at
+    /// a time, for a stream of one ring that keeps up: up to `max` events
+    /// ready now, read under one lock of the ring instead of one per event.
+    /// Adds their bytes to `out` and returns how many. 0 when nothing is
+    /// ready or something else comes first (a notice, the end, a reset,
+    /// catch-up, history, lag): `poll_next` does that. Call `poll_next`
+    /// after this in any case; only it registers the waker.
+    pub fn take_ready(&mut self, max: usize, out: &mut impl Extend<Bytes>) -> usize {
+        let [sub] = &mut self.subs[..] else {
+            return 0;
+        };
+        if !self.pending.is_empty()
+            || self.ended
+            || self.filter.is_some()
+            || sub.catch_up.is_some()
+            || sub.skip_upto.is_some()
+            || sub.ring.resets() != sub.resets
+            || self.client.close_reason().is_some()
+        {
+            return 0;
+        }
+        let after = self.client.cursor(0);
+        let rule = self.hub.config.slow_clients();
+        if after < self.client.joined_at(0)
+            || rule.judge(sub.ring.lag_mark(), self.client.lag_base(0)) != Verdict::Keep
+        {
+            return 0;
+        }
+        let (mut n, mut bytes, mut last) = (0, 0, sub.last);
+        let read = sub.ring.read_many(after, max, |pos, frame| {
+            n += 1;
+            bytes += frame.len();
+            last = pos;
+            out.extend(Some(frame.bytes().clone()));
+        });
+        if let Some(ordinal) = read {
+            self.client.set_cursor(0, ordinal);
+            sub.last = last;
+            self.client.count(n as u64, bytes);
+        }
+        n
+    }
+
     /// Ends the stream once its token has expired. Checked once per
     /// heartbeat tick, which wakes every stream: no timer per stream.
     fn check_expiry(&mut self) {

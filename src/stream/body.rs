@@ -32,6 +32,15 @@ impl SseBody {
         }
     }
 
+    /// The frames ready now, up to `max`, in one go (see
+    /// [`Subscription::take_ready`]); `poll_frame` must follow.
+    pub fn take_ready(&mut self, max: usize, out: &mut impl Extend<Bytes>) -> usize {
+        if self.second.is_some() {
+            return 0;
+        }
+        self.sub.take_ready(max, out)
+    }
+
     /// Holds `slot` (`--max-streams-per-ip`) for as long as the stream lasts.
     pub fn holding(mut self, slot: Option<StreamSlot>) -> Self {
         self._slot = slot;

@@ -254,7 +254,12 @@ impl Pump {
 
     /// Queues the frames the subscription has ready, as one chunk.
     fn refill(&mut self, cx: &mut Context<'_>) {
-        let mut len = 0;
+        // The events ready now under one read of the ring, then (one at a
+        // time) whatever else there is, until the body registers its waker.
+        let before = self.out.bufs.len();
+        let room = MAX_BATCH.saturating_sub(before);
+        self.body.take_ready(room, &mut self.out.bufs);
+        let mut len: usize = self.out.bufs.range(before..).map(Bytes::len).sum();
         while self.out.bufs.len() < MAX_BATCH {
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
