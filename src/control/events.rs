@@ -6,8 +6,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-pub use crate::backend::NewEvent;
 use crate::error::ApiError;
+pub use crate::hub::NewEvent;
 use crate::topic;
 
 /// Longest accepted event name.

@@ -56,9 +56,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::{Bus, BusError, CatchUp, NewEvent};
 use crate::control::events::{MAX_EVENT_NAME, RESERVED_PREFIX};
-use crate::hub::{Hub, HubError};
+use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;

@@ -21,8 +21,7 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-use super::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
-use crate::hub::{Hub, HubError};
+use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent, StoredEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
