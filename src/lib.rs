@@ -261,7 +261,7 @@ impl Gateway {
         }
         control::spawn_dedicated(control, router, control_options, life.clone());
 
-        tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
+        tracker.spawn(hub.clone().maintain(c.heartbeat, life.stop_token()));
         if let Some(m) = &mercure {
             tracker.spawn(m.clone().follow(hub.clone(), life.clone()));
         }

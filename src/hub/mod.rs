@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio_util::sync::CancellationToken;
+
 pub use bus::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
 pub use client::{Client, ClientInfo, ClientMeta};
 pub use slow::SlowClientPolicy;
@@ -714,11 +716,12 @@ impl Hub {
         self.read_topics().len()
     }
 
-    /// Runs the hub's timers until `life` stops: a heartbeat every
-    /// `heartbeat`, the lag sample every [`slow::LAG_SAMPLE`], and the sweep
-    /// that expires history and forgets idle topics. Whoever serves streams
-    /// from this hub spawns it once.
-    pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
+    /// Runs the hub's timers until `stop` is cancelled (the gateway passes
+    /// its lifecycle's `stop_token`): a heartbeat every `heartbeat`, the lag
+    /// sample every [`slow::LAG_SAMPLE`], and the sweep that expires history
+    /// and forgets idle topics. Whoever serves streams from this hub spawns
+    /// it once.
+    pub async fn maintain(self: Arc<Self>, heartbeat: Duration, stop: CancellationToken) {
         const SWEEP_EVERY: Duration = Duration::from_secs(5);
         let start = tokio::time::Instant::now();
         let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
@@ -730,7 +733,7 @@ impl Hub {
                 _ = beat.tick() => self.heartbeat(),
                 _ = lag.tick() => self.sample_lag(),
                 _ = sweep.tick() => self.sweep(),
-                _ = life.stopped() => return,
+                _ = stop.cancelled() => return,
             }
         }
     }
