@@ -56,11 +56,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::control::events::{MAX_EVENT_NAME, RESERVED_PREFIX};
 use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
+use crate::sse;
 use idempotency::{Dedup, Tag};
 
 /// How often metadata is fetched (health, new partitions).
@@ -354,10 +354,7 @@ fn decode<'m>(m: &'m BorrowedMessage<'_>, header: &str) -> Option<(Option<&'m st
     let event = m.headers().and_then(|headers| {
         let value = headers.iter().filter(|h| h.key == header).last()?.value?;
         let name = std::str::from_utf8(value).ok()?;
-        let valid = !name.is_empty()
-            && name.len() <= MAX_EVENT_NAME
-            && !name.contains(['\r', '\n'])
-            && !name.starts_with(RESERVED_PREFIX);
+        let valid = !name.is_empty() && sse::check_event_name(name).is_ok();
         valid.then_some(name)
     });
     Some((event, data))
