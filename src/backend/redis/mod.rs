@@ -11,7 +11,7 @@
 pub mod clients;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,8 +19,9 @@ use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 
+use super::CatchUpReaders;
 use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent, StoredEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
@@ -93,7 +94,6 @@ pub struct RedisStats {
     pub rtt_micros: AtomicU64,
     /// Age of the newest entry at the moment the tail read it, in ms.
     pub read_lag_ms: AtomicU64,
-    pub catch_ups_running: AtomicI64,
 }
 
 pub struct RedisBus {
@@ -104,12 +104,11 @@ pub struct RedisBus {
     /// Followed topics and the position the tail has read up to.
     tail: Mutex<HashMap<Arc<str>, Position>>,
     tail_changed: Notify,
-    catch_ups: Arc<Semaphore>,
+    catch_ups: CatchUpReaders,
     up: AtomicBool,
     /// Whether Redis has answered since start-up (for the log line).
     was_up: AtomicBool,
     stats: Arc<RedisStats>,
-    tracker: tokio_util::task::TaskTracker,
     /// Lets `&self` methods hand an owned handle to the tasks they spawn.
     me: Weak<RedisBus>,
 }
@@ -208,7 +207,7 @@ impl RedisBus {
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
         Ok(Arc::new_cyclic(|me| RedisBus {
             me: me.clone(),
-            catch_ups: Arc::new(Semaphore::new(opts.max_catch_up.max(1))),
+            catch_ups: CatchUpReaders::new(opts.max_catch_up, tracker),
             opts,
             client,
             conn,
@@ -218,7 +217,6 @@ impl RedisBus {
             up: AtomicBool::new(false),
             was_up: AtomicBool::new(false),
             stats: Arc::default(),
-            tracker,
         }))
     }
 
@@ -611,25 +609,13 @@ impl Bus for RedisBus {
     }
 
     fn catch_up(&self, topic: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp> {
-        let (tx, rx) = mpsc::channel(2);
+        let Some(bus) = self.me.upgrade() else {
+            return mpsc::channel(1).1; // closed: the bus is going away
+        };
         let key = self.key(topic);
         let topic = topic.to_owned();
-        let Some(bus) = self.me.upgrade() else {
-            return rx;
-        };
-        self.tracker.spawn(async move {
-            let _permit = tokio::select! {
-                p = bus.catch_ups.clone().acquire_owned() => p,
-                _ = tx.closed() => return,
-            };
-            bus.stats.catch_ups_running.fetch_add(1, Relaxed);
-            let item = bus.read_history(&key, &topic, after, until, &tx).await;
-            bus.stats.catch_ups_running.fetch_sub(1, Relaxed);
-            if let Some(item) = item {
-                let _ = tx.send(item).await;
-            }
-        });
-        rx
+        self.catch_ups
+            .spawn(move |tx| async move { bus.read_history(&key, &topic, after, until, &tx).await })
     }
 
     fn is_up(&self) -> bool {
@@ -637,7 +623,7 @@ impl Bus for RedisBus {
     }
 
     fn catch_ups_running(&self) -> i64 {
-        self.stats.catch_ups_running.load(Relaxed)
+        self.catch_ups.running()
     }
 }
 
