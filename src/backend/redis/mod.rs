@@ -261,15 +261,27 @@ impl RedisBus {
     /// that may have been deleted (`XDEL`, or trimmed). A missing stream
     /// reads as `0-0`s.
     async fn stream_info(&self, topic: &str) -> Result<(Position, Position), BusError> {
-        let mut cmd = redis::cmd("XINFO");
-        cmd.arg("STREAM").arg(self.key(topic));
-        let info: HashMap<String, Value> = match self.run(&cmd).await {
-            Ok(v) => v,
-            Err(BusError::Unavailable { reason, .. }) if reason.contains("no such key") => {
-                return Ok((Position::default(), Position::default()));
-            }
-            Err(e) => return Err(e),
-        };
+        // `XINFO` answers a missing key with an error that only its text
+        // tells apart (`ERR no such key`): `EXISTS` in the same transaction
+        // says it instead, and any error `XINFO` gives for a stream that
+        // exists is a real one.
+        let key = self.key(topic);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .ignore_errors()
+            .cmd("EXISTS")
+            .arg(&key)
+            .cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key);
+        let mut conn = self.conn.clone();
+        let call = pipe.query_async(&mut conn);
+        let (exists, info): (bool, redis::RedisResult<HashMap<String, Value>>) =
+            bounded(self.opts.timeout, call, unavailable, unavailable).await?;
+        if !exists {
+            return Ok((Position::default(), Position::default()));
+        }
+        let info = info.map_err(unavailable)?;
         let pos = |name: &str| {
             info.get(name)
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
