@@ -25,7 +25,10 @@ async fn main() -> std::io::Result<()> {
     tasks.spawn(stream::serve(listener, hub.clone(), options, life.clone()));
 
     // Heartbeats and history expiry (`Gateway` runs this for you).
-    tasks.spawn(hub.clone().maintain(Duration::from_secs(15), life.clone()));
+    tasks.spawn(
+        hub.clone()
+            .maintain(Duration::from_secs(15), life.stop_token()),
+    );
 
     // The application's own events: one a second until the drain begins.
     let (h, l) = (hub.clone(), life.clone());

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::backend::NewEvent;
 use crate::hub::Hub;
+use crate::hub::NewEvent;
 use crate::lifecycle::Lifecycle;
 
 pub const TOPIC: &str = "time";

@@ -150,16 +150,16 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
-impl From<crate::backend::BusError> for ApiError {
-    fn from(e: crate::backend::BusError) -> Self {
+impl From<crate::hub::BusError> for ApiError {
+    fn from(e: crate::hub::BusError) -> Self {
         match e {
             // A stream on a topic the bus has no source for (Kafka).
-            crate::backend::BusError::NoSuchTopic(detail) => {
+            crate::hub::BusError::NoSuchTopic(detail) => {
                 ApiError::bad_request("invalid_topic", detail)
             }
             // Not "unavailable": the events may be published already, and a
             // blind retry may publish them twice.
-            crate::backend::BusError::OutcomeUnknown { .. } => ApiError {
+            crate::hub::BusError::OutcomeUnknown { .. } => ApiError {
                 retry_after: Some(2),
                 ..ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -170,7 +170,7 @@ impl From<crate::backend::BusError> for ApiError {
                     ),
                 )
             },
-            crate::backend::BusError::KeyReused(detail) => ApiError::new(
+            crate::hub::BusError::KeyReused(detail) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
                 detail,

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use crate::backend::NewEvent;
 use crate::error::ApiError;
+use crate::hub::NewEvent;
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";

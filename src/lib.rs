@@ -8,15 +8,16 @@
 //! - [`control`] — the **control plane**: axum REST API (`PATCH /events`,
 //!   `/clients`, `/topics`, `/health`, `/ready`, `/metrics`).
 //! - [`hub`] — topics, per-topic rings (history and live buffer in one),
-//!   clients, slow-client policy. Both planes share one `Arc<Hub>`.
+//!   clients, slow-client policy, and the `Bus` interface a backend
+//!   implements. Both planes share one `Arc<Hub>`.
 //! - [`sse`] — the wire format: each event encoded once, shared as `Bytes`.
 //! - [`id`] — event ids and resume cursors (`Last-Event-ID`).
 //! - [`idempotency`] — the `Idempotency-Key` of `PATCH /events`: safe
 //!   retries of a publish whose outcome is unknown.
 //! - [`topic`] — topic-name rules.
-//! - [`backend`] — buses that make events durable and shared between
-//!   replicas (Redis, or Kafka as source and bus); without one the hub is
-//!   all there is.
+//! - [`backend`] — the buses (`hub::Bus`) that make events durable and
+//!   shared between replicas (Redis, or Kafka as source and bus); without
+//!   one the hub is all there is.
 //! - [`lifecycle`] — the shutdown token and the drain sequence.
 //! - [`auth`] — who may subscribe and publish: JWT verification shared by
 //!   both planes, and the configured secrets.
@@ -87,7 +88,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Backend(#[from] backend::BusError),
+    Backend(#[from] hub::BusError),
     #[error("cannot listen on {addr} ({plane} plane): {source}")]
     Bind {
         plane: &'static str,
@@ -260,7 +261,7 @@ impl Gateway {
         }
         control::spawn_dedicated(control, router, control_options, life.clone());
 
-        tracker.spawn(hub.clone().maintain(c.heartbeat, life.clone()));
+        tracker.spawn(hub.clone().maintain(c.heartbeat, life.stop_token()));
         if let Some(m) = &mercure {
             tracker.spawn(m.clone().follow(hub.clone(), life.clone()));
         }

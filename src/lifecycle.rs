@@ -89,6 +89,12 @@ impl Lifecycle {
         self.stop.cancelled().await
     }
 
+    /// The token phase 3 cancels, for tasks that know no `Lifecycle` (the
+    /// hub's timers, `Hub::maintain`).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stop.is_cancelled()
     }

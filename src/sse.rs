@@ -8,8 +8,8 @@
 //!
 //! Payload line breaks (LF, CR or CRLF) become separate `data:` lines, so no
 //! payload can inject a field or end an event early. Ids and event names never
-//! contain CR or LF (the callers validate them; [`encode_event`] asserts it in
-//! debug builds).
+//! contain CR or LF (the callers validate them, event names from outside with
+//! [`check_event_name`]; [`encode_event`] asserts it in debug builds).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -21,6 +21,40 @@ use serde::Serialize;
 /// The event name of the notices Streamline itself sends.
 pub const GAP_EVENT: &str = "streamline.gap";
 pub const CLOSE_EVENT: &str = "streamline.close";
+
+/// Longest event name a publisher (or a bus record) may give, in bytes.
+pub const MAX_EVENT_NAME: usize = 128;
+
+/// Event names of this prefix are the gateway's own ([`GAP_EVENT`], …), so
+/// a publisher cannot forge a notice.
+pub const RESERVED_PREFIX: &str = "streamline.";
+
+/// Why an event name from outside cannot go on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EventNameError {
+    #[error("longer than {MAX_EVENT_NAME} bytes")]
+    TooLong,
+    #[error("must not contain CR or LF")]
+    LineBreak,
+    #[error("names starting with {RESERVED_PREFIX:?} are reserved for the gateway's notices")]
+    Reserved,
+}
+
+/// The one check of an event name that comes from outside the gateway (a
+/// `PATCH /events` event, a Kafka record's header): at most
+/// [`MAX_EVENT_NAME`] bytes, no CR or LF, not [`RESERVED_PREFIX`]. An empty
+/// name passes: it means no name (the event is a `message`).
+pub fn check_event_name(name: &str) -> Result<(), EventNameError> {
+    if name.len() > MAX_EVENT_NAME {
+        Err(EventNameError::TooLong)
+    } else if has_line_break(name) {
+        Err(EventNameError::LineBreak)
+    } else if name.starts_with(RESERVED_PREFIX) {
+        Err(EventNameError::Reserved)
+    } else {
+        Ok(())
+    }
+}
 
 /// A heartbeat: an SSE comment, ignored by EventSource, that keeps proxies
 /// from timing out an idle stream.
@@ -234,6 +268,21 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn event_names_are_checked_once_for_every_source() {
+        assert_eq!(check_event_name(""), Ok(()));
+        assert_eq!(check_event_name("price.update"), Ok(()));
+        assert_eq!(check_event_name(&"x".repeat(MAX_EVENT_NAME)), Ok(()));
+        let long = "x".repeat(MAX_EVENT_NAME + 1);
+        assert_eq!(check_event_name(&long), Err(EventNameError::TooLong));
+        for bad in ["a\nb", "a\rb", "a\r\n"] {
+            assert_eq!(check_event_name(bad), Err(EventNameError::LineBreak));
+        }
+        for notice in [GAP_EVENT, CLOSE_EVENT, "streamline.x"] {
+            assert_eq!(check_event_name(notice), Err(EventNameError::Reserved));
+        }
+    }
+
     /// One event as a spec-conformant EventSource parser dispatches it.
     #[derive(Debug, Default, Clone, PartialEq, Eq)]
     pub struct Parsed {
@@ -427,6 +476,18 @@ pub(crate) mod tests {
                 prop_assert_eq!(&got.data, &data.replace("\r\n", "\n").replace('\r', "\n"));
             }
             prop_assert_eq!(parsed.last().unwrap().event.as_str(), CLOSE_EVENT);
+        }
+
+        #[test]
+        fn a_checked_event_name_cannot_break_the_frame(name in "(\\PC|\r|\n){0,140}") {
+            if check_event_name(&name).is_ok() {
+                let (parsed, _) = parse_stream(
+                    std::str::from_utf8(encode_event("t:1-1", Some(&name), "x").bytes()).unwrap(),
+                );
+                prop_assert_eq!(parsed.len(), 1);
+                let expected = if name.is_empty() { "message" } else { name.as_str() };
+                prop_assert_eq!(parsed[0].event.as_str(), expected);
+            }
         }
 
         #[test]

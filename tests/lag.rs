@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use futures_util::task::noop_waker_ref;
-use streamline::backend::{Bus, BusError, CatchUp, NewEvent};
+use streamline::hub::{Bus, BusError, CatchUp, NewEvent};
 use streamline::hub::{Chunk, ClientMeta, Hub, HubConfig, HubError, Subscription};
 use streamline::id::{Cursor, Position};
 use tokio::sync::mpsc;

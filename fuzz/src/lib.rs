@@ -5,7 +5,7 @@
 //! invariant, not only on a crash.
 
 use http::{HeaderMap, HeaderValue, Method};
-use streamline::control::events::{MAX_EVENT_NAME, RESERVED_PREFIX, parse_batch};
+use streamline::control::events::parse_batch;
 use streamline::id::Cursor;
 use streamline::sse;
 use streamline::stream::request::{ParseLimits, parse_with};
@@ -21,8 +21,8 @@ pub fn patch_body(data: &[u8]) {
     for ev in &events {
         topic::validate(&ev.topic, topic::MAX_TOPIC_LEN).expect("a valid topic");
         if let Some(name) = &ev.event {
-            assert!(!name.is_empty() && name.len() <= MAX_EVENT_NAME);
-            assert!(!name.contains(['\r', '\n']) && !name.starts_with(RESERVED_PREFIX));
+            assert!(!name.is_empty() && name.len() <= sse::MAX_EVENT_NAME);
+            assert!(!name.contains(['\r', '\n']) && !name.starts_with(sse::RESERVED_PREFIX));
         }
         let frame = sse::encode_event("t:1-1", ev.event.as_deref(), &ev.data);
         let bytes = frame.bytes();

@@ -1,161 +1,131 @@
-//! Backends: where events come from and where they are made durable.
+//! Backends: the buses the hub can be plugged into (`crate::hub::Bus`),
+//! where events come from and where they are made durable. Redis
+//! ([`redis`]) and Kafka ([`kafka`], one ring per partition).
 //!
 //! With no backend the hub is the whole story (the embedded in-memory
-//! default). A [`Bus`] plugged into the hub changes three things:
-//! - `PATCH /events` hands events to the bus and answers once the bus has
-//!   them; they reach this replica's clients the same way as every other
-//!   replica's, through the bus, so all replicas give an event the same id;
-//! - a topic's ring starts at the newest position the bus has when the topic
-//!   is first followed, and positions (ids) come from the bus (Kafka: one
-//!   ring per partition, see [`kafka`]);
-//! - a resume point older than the ring is read back from the bus
-//!   ([`Bus::catch_up`]) and handed over to the ring with no gap or duplicate.
+//! default). The hub owns the interface (`src/hub/bus.rs`: the trait, the
+//! types that cross it, and the hub methods a bus may call); backends
+//! depend on the hub, never the reverse.
 //!
 //! Architecture invariant: a backend never blocks the hub: it talks to the
-//! hub only through `Hub::publish_at` (from its own tasks) and bounded
-//! channels.
+//! hub only through the hub's synchronous bus-facing methods (from its own
+//! tasks) and bounded channels.
 
 pub mod kafka;
 pub mod redis;
 
-use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
-use crate::hub::HubError;
-use crate::id::Position;
-use crate::idempotency::IdempotencyKey;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::task::TaskTracker;
 
-/// An event to publish (checked: valid topic, event name without CR/LF).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEvent {
-    pub topic: String,
-    pub event: Option<String>,
-    /// The payload as it goes on the wire.
-    pub data: String,
+use crate::hub::CatchUp;
+
+/// A bus's history readers (`Bus::catch_up`), the part every backend
+/// shares: each reader is a tracked task owned by one stream, reading at
+/// most `--max-catch-up` at once, and handing pages over a bounded channel.
+/// A reader waiting for its turn ends, unstarted, when its stream leaves.
+pub(crate) struct CatchUpReaders {
+    permits: Arc<Semaphore>,
+    running: Arc<AtomicI64>,
+    tracker: TaskTracker,
 }
 
-/// An event read back from a bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEvent {
-    pub pos: Position,
-    pub event: Option<String>,
-    pub data: String,
-}
+impl CatchUpReaders {
+    /// At most `max` readers at once (at least one), spawned on `tracker`.
+    pub(crate) fn new(max: usize, tracker: TaskTracker) -> Self {
+        CatchUpReaders {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+            running: Arc::default(),
+            tracker,
+        }
+    }
 
-/// One message from a catch-up reader.
-#[derive(Debug)]
-pub enum CatchUp {
-    /// The next events, oldest first.
-    Events(Vec<StoredEvent>),
-    /// Events after the resume point were deleted from the bus too; the
-    /// stream goes on from what its ring retains.
-    Gap,
-    /// Events after the resume point up to and including this position were
-    /// deleted from the bus; the events sent next are the oldest it still
-    /// has, so the stream gets a gap notice and then all of them.
-    Trimmed(Position),
-    /// The bus cannot be read now; the client should retry later.
-    Failed(String),
-    /// The resume point lies beyond the end of the bus's log: the log
-    /// started again since the client saw it (see [`Bus::probe`]).
-    Reset,
-}
+    /// Starts one stream's reader and returns the stream's end of its
+    /// channel. Once it is the reader's turn, `read` (the backend's own read
+    /// call) sends pages on the sender it is given and returns a final
+    /// message, if any, which is sent last. The reader ends when `read`
+    /// does, and `read` should stop when a send fails (the stream left).
+    pub(crate) fn spawn<R, F>(&self, read: R) -> mpsc::Receiver<CatchUp>
+    where
+        R: FnOnce(mpsc::Sender<CatchUp>) -> F + Send + 'static,
+        F: Future<Output = Option<CatchUp>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(2);
+        let permits = self.permits.clone();
+        let running = self.running.clone();
+        self.tracker.spawn(async move {
+            let Some(_permit) = turn(permits, &tx).await else {
+                return;
+            };
+            running.fetch_add(1, Relaxed);
+            let last = read(tx.clone()).await;
+            running.fetch_sub(1, Relaxed);
+            if let Some(last) = last {
+                let _ = tx.send(last).await;
+            }
+        });
+        rx
+    }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BusError {
-    #[error("{backend} is unavailable: {reason}")]
-    Unavailable {
-        backend: &'static str,
-        reason: String,
-    },
-    /// The bus has no source for a topic (Kafka: no Kafka topic is mapped
-    /// to it); the detail names it. A client error, not an outage.
-    #[error("{0}")]
-    NoSuchTopic(String),
-    /// A publish whose request may have reached the bus (a timeout or a
-    /// lost connection after it was sent, or a batch written in part): the
-    /// events may or may not be published. `Unavailable` is kept for
-    /// failures where nothing was written.
-    #[error("{backend}: {reason}")]
-    OutcomeUnknown {
-        backend: &'static str,
-        reason: String,
-    },
-    /// An `Idempotency-Key` already used with a different batch.
-    #[error("{0}")]
-    KeyReused(String),
-}
+    /// A turn among the readers for other reads a stream waits on (Kafka's
+    /// `probe`), not counted as running; `None` if the stream leaves first.
+    pub(crate) async fn permit(&self, tx: &mpsc::Sender<CatchUp>) -> Option<OwnedSemaphorePermit> {
+        turn(self.permits.clone(), tx).await
+    }
 
-impl BusError {
-    /// The answer to a retry whose key was first used for another batch.
-    pub fn key_reused(key: &str) -> BusError {
-        BusError::KeyReused(format!(
-            "Idempotency-Key {key:?} was already used with a different batch; \
-             use a new key for new events"
-        ))
+    /// Readers reading now (not those waiting), for `/metrics`.
+    pub(crate) fn running(&self) -> i64 {
+        self.running.load(Relaxed)
     }
 }
 
-/// An event source and bus shared by several replicas (Redis, Kafka).
-pub trait Bus: Send + Sync + 'static {
-    /// A short name for logs and `/ready` (`redis`, `kafka`).
-    fn name(&self) -> &'static str;
-
-    /// Makes `events` durable, all or nothing; returns their ids in order.
-    fn publish<'a>(
-        &'a self,
-        events: &'a [NewEvent],
-    ) -> BoxFuture<'a, Result<Vec<String>, BusError>>;
-
-    /// Like [`publish`](Bus::publish), but at most once per `key` within
-    /// the bus's idempotency window, across replicas: a key published
-    /// before answers with that publish's ids and publishes nothing (a
-    /// different batch under the same key: [`BusError::KeyReused`]). A bus
-    /// that cannot keep that promise refuses, publishing nothing (the
-    /// default).
-    fn publish_once<'a>(
-        &'a self,
-        events: &'a [NewEvent],
-        key: &'a IdempotencyKey,
-    ) -> BoxFuture<'a, Result<Vec<String>, BusError>> {
-        let _ = (events, key);
-        Box::pin(async move {
-            Err(BusError::Unavailable {
-                backend: self.name(),
-                reason: "this bus does not support Idempotency-Key".into(),
-            })
-        })
+/// Waits for a permit, or for the receiver of `tx` to be dropped.
+async fn turn(permits: Arc<Semaphore>, tx: &mpsc::Sender<CatchUp>) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        // A stream that left is never read for, even if a turn is free.
+        biased;
+        _ = tx.closed() => None,
+        p = permits.acquire_owned() => p.ok(),
     }
+}
 
-    /// Starts following `topic` if this replica does not yet: creates the
-    /// hub's topic at the newest position the bus has for it
-    /// (`Hub::ensure_topic_at`), then delivers every later event with
-    /// `Hub::publish_at`, in order.
-    /// Fails with the hub's own error when the hub refuses the topic
-    /// (`--max-topics`).
-    fn follow<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), HubError>>;
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
 
-    /// Reads the ring keyed `ring` (a topic's name, or a partition's key,
-    /// see `Hub::ensure_partition_at`) after `after` up to and including
-    /// `until`, on a reader owned by one stream: it ends when done or when
-    /// the receiver is dropped.
-    fn catch_up(&self, ring: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp>;
+    use super::*;
 
-    /// For a resume point beyond the newest position of the ring keyed
-    /// `ring`: checks whether it also lies beyond the end of the bus's log
-    /// (which then started again since the client saw it). The receiver
-    /// gets [`CatchUp::Reset`] if so, and closes otherwise or when the bus
-    /// cannot tell. `None`: the bus cannot restart a log (the point is
-    /// just one this replica has not reached yet).
-    fn probe(&self, _ring: &str, _pos: Position) -> Option<mpsc::Receiver<CatchUp>> {
-        None
-    }
+    #[tokio::test]
+    async fn readers_take_turns_and_one_whose_stream_left_never_reads() {
+        let readers = CatchUpReaders::new(1, TaskTracker::new());
+        let (release, hold) = tokio::sync::oneshot::channel::<()>();
+        let mut first = readers.spawn(move |tx| async move {
+            let _ = tx.send(CatchUp::Events(Vec::new())).await;
+            let _ = hold.await;
+            Some(CatchUp::Gap)
+        });
+        assert!(matches!(first.recv().await, Some(CatchUp::Events(_))));
+        assert_eq!(readers.running(), 1);
 
-    /// Whether the bus answers now and would accept a publish.
-    fn is_up(&self) -> bool;
+        // Both wait for the only turn; the second's stream leaves first.
+        let read = Arc::new(AtomicBool::new(false));
+        let r = read.clone();
+        drop(readers.spawn(move |_| async move {
+            r.store(true, Relaxed);
+            None
+        }));
+        let mut third = readers.spawn(|_| async { Some(CatchUp::Reset) });
 
-    /// History readers ([`Bus::catch_up`]) running now, for `/metrics`.
-    fn catch_ups_running(&self) -> i64 {
-        0
+        release.send(()).unwrap();
+        assert!(matches!(first.recv().await, Some(CatchUp::Gap)));
+        assert!(first.recv().await.is_none());
+        assert!(matches!(third.recv().await, Some(CatchUp::Reset)));
+        assert!(third.recv().await.is_none());
+        readers.tracker.close();
+        readers.tracker.wait().await;
+        assert!(!read.load(Relaxed));
+        assert_eq!(readers.running(), 0);
     }
 }

@@ -6,16 +6,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-pub use crate::backend::NewEvent;
 use crate::error::ApiError;
-use crate::topic;
-
-/// Longest accepted event name.
-pub const MAX_EVENT_NAME: usize = 128;
-
-/// Event names of this prefix are the gateway's own (`streamline.gap`, …),
-/// so a publisher cannot forge a notice.
-pub const RESERVED_PREFIX: &str = "streamline.";
+pub use crate::hub::NewEvent;
+use crate::{sse, topic};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,20 +86,7 @@ fn explain<'de, T: Deserialize<'de>>(body: &'de [u8], plain: serde_json::Error) 
 fn check(ev: EventIn) -> Result<NewEvent, (&'static str, String)> {
     topic::validate(&ev.topic, topic::MAX_TOPIC_LEN).map_err(|e| ("topic", e.to_string()))?;
     if let Some(name) = &ev.event {
-        if name.len() > MAX_EVENT_NAME {
-            return Err(("event", format!("longer than {MAX_EVENT_NAME} bytes")));
-        }
-        if name.contains(['\r', '\n']) {
-            return Err(("event", "must not contain CR or LF".into()));
-        }
-        if name.starts_with(RESERVED_PREFIX) {
-            return Err((
-                "event",
-                format!(
-                    "names starting with {RESERVED_PREFIX:?} are reserved for the gateway's notices"
-                ),
-            ));
-        }
+        sse::check_event_name(name).map_err(|e| ("event", e.to_string()))?;
     }
     Ok(NewEvent {
         topic: ev.topic,

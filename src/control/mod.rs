@@ -27,9 +27,9 @@ use axum::routing::{MethodFilter, on};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::backend::BusError;
 use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
+use crate::hub::BusError;
 use crate::hub::{Hub, HubError};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::lifecycle::Lifecycle;

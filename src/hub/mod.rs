@@ -8,6 +8,7 @@
 //! (`history_size`, `history_ttl`, and beyond them at most `pinned_bytes` for
 //! streams still writing a batch) and clients (`max_clients`) are all capped.
 
+mod bus;
 mod client;
 mod ring;
 mod slow;
@@ -18,11 +19,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio_util::sync::CancellationToken;
+
+pub use bus::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
 pub use client::{Client, ClientInfo, ClientMeta};
 pub use slow::SlowClientPolicy;
 pub use subscription::{Chunk, Filter, Subscription};
 
-use crate::backend::{Bus, BusError, NewEvent};
 use crate::id::{Cursor, Position};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::sse::{self, CloseReason};
@@ -344,56 +347,6 @@ impl Hub {
         self.create_topic(name, || Position::new(self.epoch, self.seq.load(Relaxed)))
     }
 
-    /// For buses: creates `name` starting after `start` unless it exists;
-    /// returns the position its ring has reached.
-    pub fn ensure_topic_at(&self, name: &str, start: Position) -> Result<Position, HubError> {
-        Ok(self.create_topic(name, || start)?.head().1)
-    }
-
-    /// For buses whose topics have partitions (Kafka): creates the ring of
-    /// `name`'s partition `part`, keyed `key`, starting after `start` (whose
-    /// `hi` is `part`), unless it exists; returns the position its ring has
-    /// reached. Streams opened from then on read it with the topic's other
-    /// partitions; a cursor carries one entry per partition.
-    pub fn ensure_partition_at(
-        &self,
-        key: &str,
-        name: &str,
-        part: u64,
-        start: Position,
-    ) -> Result<Position, HubError> {
-        let ring = self.create_ring(key, || {
-            Ring::partition(key.into(), name.into(), part, start)
-        })?;
-        let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
-        let rings = partitions.entry(ring.name().clone()).or_default();
-        if !rings.iter().any(|r| Arc::ptr_eq(r, &ring)) {
-            rings.push(ring.clone());
-            rings.sort_by_key(|r| r.part());
-        }
-        Ok(ring.head().1)
-    }
-
-    /// For buses: the log behind the ring keyed `ring` started again (a
-    /// Kafka topic re-created, or a broker that lost it), so its positions
-    /// restart below the ring's: the ring forgets its events and starts
-    /// again after `start`; its streams get a gap notice (reason `reset`)
-    /// and go on with the new log. False when there is no such ring.
-    pub fn reset_ring(&self, ring: &str, start: Position) -> bool {
-        match self.get_topic(ring) {
-            Some(t) => {
-                t.reset(start);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The newest position of the ring keyed `ring`, if it exists.
-    pub fn ring_head(&self, ring: &str) -> Option<Position> {
-        Some(self.get_topic(ring)?.head().1)
-    }
-
     /// The rings of topic `name` that exist now: its partitions' in
     /// partition order, else its only ring, else none.
     fn rings(&self, name: &str) -> Vec<Arc<Ring>> {
@@ -537,25 +490,6 @@ impl Hub {
         }
     }
 
-    /// For buses: appends an event the bus delivered, at the bus's position,
-    /// to the ring keyed `ring` (a topic's name, or a partition's key; the
-    /// id carries the topic's name). Ignored (false) when the ring does not
-    /// exist or already has that position.
-    pub fn publish_at(&self, ring: &str, pos: Position, event: Option<&str>, data: &str) -> bool {
-        let Some(t) = self.get_topic(ring) else {
-            return false;
-        };
-        let appended = self
-            .append(&t, |head| {
-                (pos > head).then(|| (pos, self.encode(t.name(), pos, event, data)))
-            })
-            .is_some();
-        if appended {
-            t.notify();
-        }
-        appended
-    }
-
     fn append(
         &self,
         t: &Ring,
@@ -589,35 +523,6 @@ impl Hub {
             }
         }
         Ok(())
-    }
-
-    /// For buses: forgets a followed topic nobody has wanted for `linger`;
-    /// true when it was forgotten (the bus then stops following it).
-    pub fn forget_if_idle(&self, name: &str, linger: Duration) -> bool {
-        // A topic with its own encoder (Mercure's) is followed for good: its
-        // subscribers resume by ids only a replica that saw them knows.
-        if self.encoder_for(name).is_some() {
-            return false;
-        }
-        let now = self.now_ms();
-        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        let idle = topics.get(name).is_none_or(|t| {
-            t.subscriber_count() == 0
-                && now.saturating_sub(t.touched_ms()) >= linger.as_millis() as u64
-        });
-        if idle && let Some(t) = topics.remove(name) {
-            drop(topics);
-            if t.part().is_some() {
-                let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
-                if let Some(rings) = partitions.get_mut(t.name()) {
-                    rings.retain(|r| !Arc::ptr_eq(r, &t));
-                    if rings.is_empty() {
-                        partitions.remove(t.name());
-                    }
-                }
-            }
-        }
-        idle
     }
 
     /// Keys of the rings held now (topic names, or `<name>#<partition>`).
@@ -811,11 +716,12 @@ impl Hub {
         self.read_topics().len()
     }
 
-    /// Runs the hub's timers until `life` stops: a heartbeat every
-    /// `heartbeat`, the lag sample every [`slow::LAG_SAMPLE`], and the sweep
-    /// that expires history and forgets idle topics. Whoever serves streams
-    /// from this hub spawns it once.
-    pub async fn maintain(self: Arc<Self>, heartbeat: Duration, life: crate::lifecycle::Lifecycle) {
+    /// Runs the hub's timers until `stop` is cancelled (the gateway passes
+    /// its lifecycle's `stop_token`): a heartbeat every `heartbeat`, the lag
+    /// sample every [`slow::LAG_SAMPLE`], and the sweep that expires history
+    /// and forgets idle topics. Whoever serves streams from this hub spawns
+    /// it once.
+    pub async fn maintain(self: Arc<Self>, heartbeat: Duration, stop: CancellationToken) {
         const SWEEP_EVERY: Duration = Duration::from_secs(5);
         let start = tokio::time::Instant::now();
         let mut beat = tokio::time::interval_at(start + heartbeat, heartbeat);
@@ -827,7 +733,7 @@ impl Hub {
                 _ = beat.tick() => self.heartbeat(),
                 _ = lag.tick() => self.sample_lag(),
                 _ = sweep.tick() => self.sweep(),
-                _ = life.stopped() => return,
+                _ = stop.cancelled() => return,
             }
         }
     }

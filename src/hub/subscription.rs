@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use super::client::{Client, ClientMeta};
 use super::ring::{Read, Resume, Ring};
 use super::slow::{self, Verdict};
+use super::{CatchUp, StoredEvent};
 use super::{Hub, HubError};
-use crate::backend::{CatchUp, StoredEvent};
 use crate::id::{Cursor, Position};
 use crate::sse::{self, CloseReason, GapReason};
 
@@ -43,7 +43,7 @@ struct Sub {
     /// With a bus: reading history older than the ring back from the bus
     /// (or checking whether the bus's log was reset, [`Bus::probe`]).
     ///
-    /// [`Bus::probe`]: crate::backend::Bus::probe
+    /// [`Bus::probe`]: super::Bus::probe
     catch_up: Option<CatchUpReader>,
     /// The ring's reset count this stream has caught up with.
     resets: u64,

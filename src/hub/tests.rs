@@ -808,7 +808,7 @@ impl Bus for NullBus {
         _: &str,
         _: Position,
         _: Position,
-    ) -> tokio::sync::mpsc::Receiver<crate::backend::CatchUp> {
+    ) -> tokio::sync::mpsc::Receiver<crate::hub::CatchUp> {
         tokio::sync::mpsc::channel(1).1
     }
 

@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 
 use super::selector::{self, any_match};
 use super::{MAX_ID_LEN, MAX_UPDATE_TOPICS, Mercure, Update, auth, generated_id};
-use crate::backend::{BusError, NewEvent};
 use crate::control::ControlState;
 use crate::error::ApiError;
 use crate::hub::HubError;
+use crate::hub::{BusError, NewEvent};
 use crate::id::Position;
 
 /// The route's handler.

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::selector::{Selector, any_match};
 use super::{Mercure, Update, UpdateMeta, auth};
-use crate::backend::NewEvent;
 use crate::error::ApiError;
+use crate::hub::NewEvent;
 use crate::hub::{Filter, Hub};
 use crate::sse::Frame;
 use crate::stream::{Plane, StreamResponse};

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::idempotency::Dedup;
 use super::{Apply, Context, KafkaOptions, KafkaStats, decode, first_copy, position};
-use crate::backend::{CatchUp, StoredEvent};
+use crate::hub::{CatchUp, StoredEvent};
 use crate::id::Position;
 
 /// Events per page sent to the stream.

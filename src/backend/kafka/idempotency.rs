@@ -26,7 +26,7 @@
 
 use std::time::Duration;
 
-use crate::backend::BusError;
+use crate::hub::BusError;
 use crate::idempotency::{IdempotencyKey, Table};
 
 /// The record header carrying the key.

@@ -42,7 +42,7 @@ mod catch_up;
 mod idempotency;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -54,14 +54,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
-use super::{Bus, BusError, CatchUp, NewEvent};
-use crate::control::events::{MAX_EVENT_NAME, RESERVED_PREFIX};
-use crate::hub::{Hub, HubError};
+use super::CatchUpReaders;
+use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
+use crate::sse;
 use idempotency::{Dedup, Tag};
 
 /// How often metadata is fetched (health, new partitions).
@@ -142,7 +142,6 @@ pub struct KafkaStats {
     topics: BTreeMap<String, TopicCounters>,
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     pub produce_errors: AtomicU64,
-    pub catch_ups_running: AtomicI64,
     /// Records dropped as copies of a keyed record already delivered.
     pub duplicates_dropped: AtomicU64,
     /// Partition assignments made (each round assigns every new partition
@@ -287,7 +286,7 @@ pub struct KafkaBus {
     /// The last record delivered, by ring key: its position and a
     /// fingerprint of its content (see `same_log`).
     last_records: Mutex<HashMap<String, (Position, u64)>>,
-    catch_ups: Arc<Semaphore>,
+    catch_ups: CatchUpReaders,
     up: AtomicBool,
     /// Whether Kafka has answered since start-up.
     was_up: AtomicBool,
@@ -355,10 +354,7 @@ fn decode<'m>(m: &'m BorrowedMessage<'_>, header: &str) -> Option<(Option<&'m st
     let event = m.headers().and_then(|headers| {
         let value = headers.iter().filter(|h| h.key == header).last()?.value?;
         let name = std::str::from_utf8(value).ok()?;
-        let valid = !name.is_empty()
-            && name.len() <= MAX_EVENT_NAME
-            && !name.contains(['\r', '\n'])
-            && !name.starts_with(RESERVED_PREFIX);
+        let valid = !name.is_empty() && sse::check_event_name(name).is_ok();
         valid.then_some(name)
     });
     Some((event, data))
@@ -421,7 +417,7 @@ impl KafkaBus {
             .collect();
         Ok(Arc::new_cyclic(|me| KafkaBus {
             me: me.clone(),
-            catch_ups: Arc::new(Semaphore::new(opts.max_catch_up.max(1))),
+            catch_ups: CatchUpReaders::new(opts.max_catch_up, tracker.clone()),
             stats: Arc::new(KafkaStats::new(&opts.topics)),
             dedup: Dedup::new(opts.idempotency_window, opts.idempotency_capacity),
             opts,
@@ -1347,9 +1343,8 @@ impl Bus for KafkaBus {
     }
 
     fn catch_up(&self, ring: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp> {
-        let (tx, rx) = mpsc::channel(2);
         let Some(bus) = self.me.upgrade() else {
-            return rx;
+            return mpsc::channel(1).1; // closed: the bus is going away
         };
         let target = ring.rsplit_once('#').and_then(|(sse, p)| {
             Some((
@@ -1358,18 +1353,12 @@ impl Bus for KafkaBus {
                 p.parse::<i32>().ok()?,
             ))
         });
-        self.tracker.spawn(async move {
-            let Some((topic, sse, partition)) = target else {
-                let _ = tx
-                    .send(CatchUp::Failed("not a Kafka partition".into()))
-                    .await;
-                return;
-            };
-            let _permit = tokio::select! {
-                p = bus.catch_ups.clone().acquire_owned() => p,
-                _ = tx.closed() => return,
-            };
-            bus.stats.catch_ups_running.fetch_add(1, Relaxed);
+        let Some((topic, sse, partition)) = target else {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(CatchUp::Failed("not a Kafka partition".into()));
+            return rx;
+        };
+        self.catch_ups.spawn(move |tx| async move {
             let reader = catch_up::Reader {
                 opts: &bus.opts,
                 stats: &bus.stats,
@@ -1378,13 +1367,8 @@ impl Bus for KafkaBus {
                 sse: &sse,
                 partition,
             };
-            let last = reader.run(after, until, &tx).await;
-            bus.stats.catch_ups_running.fetch_sub(1, Relaxed);
-            if let Some(last) = last {
-                let _ = tx.send(last).await;
-            }
-        });
-        rx
+            reader.run(after, until, &tx).await
+        })
     }
 
     /// A resume point beyond the partition's high watermark was never in
@@ -1395,9 +1379,8 @@ impl Bus for KafkaBus {
         let bus = self.me.upgrade()?;
         let (topic, partition) = self.partition_of(ring)?;
         self.tracker.spawn(async move {
-            let _permit = tokio::select! {
-                p = bus.catch_ups.clone().acquire_owned() => p,
-                _ = tx.closed() => return,
+            let Some(_permit) = bus.catch_ups.permit(&tx).await else {
+                return;
             };
             let timeout = bus.opts.timeout;
             let topic_name = topic.clone();
@@ -1434,7 +1417,7 @@ impl Bus for KafkaBus {
     }
 
     fn catch_ups_running(&self) -> i64 {
-        self.stats.catch_ups_running.load(Relaxed)
+        self.catch_ups.running()
     }
 }
 

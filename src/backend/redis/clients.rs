@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 
 use super::{BACKOFF_MAX, BACKOFF_MIN, RedisBus, bounded, now_ms, unavailable};
-use crate::backend::BusError;
+use crate::hub::BusError;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::sse::CloseReason;

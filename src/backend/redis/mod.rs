@@ -11,7 +11,7 @@
 pub mod clients;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,10 +19,10 @@ use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 
-use super::{Bus, BusError, CatchUp, NewEvent, StoredEvent};
-use crate::hub::{Hub, HubError};
+use super::CatchUpReaders;
+use crate::hub::{Bus, BusError, CatchUp, Hub, HubError, NewEvent, StoredEvent};
 use crate::id::Position;
 use crate::idempotency::IdempotencyKey;
 use crate::lifecycle::Lifecycle;
@@ -94,7 +94,6 @@ pub struct RedisStats {
     pub rtt_micros: AtomicU64,
     /// Age of the newest entry at the moment the tail read it, in ms.
     pub read_lag_ms: AtomicU64,
-    pub catch_ups_running: AtomicI64,
 }
 
 pub struct RedisBus {
@@ -105,12 +104,11 @@ pub struct RedisBus {
     /// Followed topics and the position the tail has read up to.
     tail: Mutex<HashMap<Arc<str>, Position>>,
     tail_changed: Notify,
-    catch_ups: Arc<Semaphore>,
+    catch_ups: CatchUpReaders,
     up: AtomicBool,
     /// Whether Redis has answered since start-up (for the log line).
     was_up: AtomicBool,
     stats: Arc<RedisStats>,
-    tracker: tokio_util::task::TaskTracker,
     /// Lets `&self` methods hand an owned handle to the tasks they spawn.
     me: Weak<RedisBus>,
 }
@@ -209,7 +207,7 @@ impl RedisBus {
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
         Ok(Arc::new_cyclic(|me| RedisBus {
             me: me.clone(),
-            catch_ups: Arc::new(Semaphore::new(opts.max_catch_up.max(1))),
+            catch_ups: CatchUpReaders::new(opts.max_catch_up, tracker),
             opts,
             client,
             conn,
@@ -219,7 +217,6 @@ impl RedisBus {
             up: AtomicBool::new(false),
             was_up: AtomicBool::new(false),
             stats: Arc::default(),
-            tracker,
         }))
     }
 
@@ -264,15 +261,27 @@ impl RedisBus {
     /// that may have been deleted (`XDEL`, or trimmed). A missing stream
     /// reads as `0-0`s.
     async fn stream_info(&self, topic: &str) -> Result<(Position, Position), BusError> {
-        let mut cmd = redis::cmd("XINFO");
-        cmd.arg("STREAM").arg(self.key(topic));
-        let info: HashMap<String, Value> = match self.run(&cmd).await {
-            Ok(v) => v,
-            Err(BusError::Unavailable { reason, .. }) if reason.contains("no such key") => {
-                return Ok((Position::default(), Position::default()));
-            }
-            Err(e) => return Err(e),
-        };
+        // `XINFO` answers a missing key with an error that only its text
+        // tells apart (`ERR no such key`): `EXISTS` in the same transaction
+        // says it instead, and any error `XINFO` gives for a stream that
+        // exists is a real one.
+        let key = self.key(topic);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .ignore_errors()
+            .cmd("EXISTS")
+            .arg(&key)
+            .cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key);
+        let mut conn = self.conn.clone();
+        let call = pipe.query_async(&mut conn);
+        let (exists, info): (bool, redis::RedisResult<HashMap<String, Value>>) =
+            bounded(self.opts.timeout, call, unavailable, unavailable).await?;
+        if !exists {
+            return Ok((Position::default(), Position::default()));
+        }
+        let info = info.map_err(unavailable)?;
         let pos = |name: &str| {
             info.get(name)
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
@@ -612,25 +621,13 @@ impl Bus for RedisBus {
     }
 
     fn catch_up(&self, topic: &str, after: Position, until: Position) -> mpsc::Receiver<CatchUp> {
-        let (tx, rx) = mpsc::channel(2);
+        let Some(bus) = self.me.upgrade() else {
+            return mpsc::channel(1).1; // closed: the bus is going away
+        };
         let key = self.key(topic);
         let topic = topic.to_owned();
-        let Some(bus) = self.me.upgrade() else {
-            return rx;
-        };
-        self.tracker.spawn(async move {
-            let _permit = tokio::select! {
-                p = bus.catch_ups.clone().acquire_owned() => p,
-                _ = tx.closed() => return,
-            };
-            bus.stats.catch_ups_running.fetch_add(1, Relaxed);
-            let item = bus.read_history(&key, &topic, after, until, &tx).await;
-            bus.stats.catch_ups_running.fetch_sub(1, Relaxed);
-            if let Some(item) = item {
-                let _ = tx.send(item).await;
-            }
-        });
-        rx
+        self.catch_ups
+            .spawn(move |tx| async move { bus.read_history(&key, &topic, after, until, &tx).await })
     }
 
     fn is_up(&self) -> bool {
@@ -638,7 +635,7 @@ impl Bus for RedisBus {
     }
 
     fn catch_ups_running(&self) -> i64 {
-        self.stats.catch_ups_running.load(Relaxed)
+        self.catch_ups.running()
     }
 }
 
