@@ -97,6 +97,29 @@ pub enum StartError {
     },
 }
 
+/// Connections the kernel completes and queues for a listener before it
+/// accepts them (the kernel caps it at `net.core.somaxconn`, 4096 by
+/// default). tokio's `TcpListener::bind` asks for 128, as std does: when
+/// thousands of clients connect at once (a replica restarting, a fleet
+/// reconnecting) the queue overflowed, the kernel dropped handshakes, and
+/// clients waited for SYN retransmits (1 s, 3 s, 7 s …); one whose request
+/// was dropped too could reach the gateway after its request deadline and
+/// be closed without an answer (see PERFORMANCE.md, scale-out).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// tokio's `bind` sets it).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Gateway {
     /// Checks the configuration and binds both listeners (port 0 picks a
     /// free port; see [`control_addr`](Self::control_addr)).
@@ -116,13 +139,11 @@ impl Gateway {
             timings,
         } = config.build()?;
         let bind = |plane, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    plane,
-                    addr,
-                    source,
-                })
+            listen(addr).map_err(|source| StartError::Bind {
+                plane,
+                addr,
+                source,
+            })
         };
         let control = bind("control", config.control_addr).await?;
         let stream = bind("stream", config.stream_addr).await?;
