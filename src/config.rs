@@ -81,7 +81,8 @@ pub struct Config {
     #[arg(long, env = "STREAMLINE_STREAM_ADDR", default_value = "127.0.0.1:8081")]
     pub stream_addr: SocketAddr,
 
-    /// Interval between heartbeat comments on idle streams.
+    /// Interval between heartbeat comments on idle streams (those that
+    /// carried no event since the previous tick).
     #[arg(long, env = "STREAMLINE_HEARTBEAT", default_value = "15s", value_parser = duration)]
     pub heartbeat: Duration,
 

@@ -74,6 +74,10 @@ pub struct Subscription {
     subs: Box<[Sub]>,
     next: usize,
     heartbeat_seen: u64,
+    /// One more than the heartbeat tick at which an event was last written
+    /// (0: none yet). A stream that wrote an event since the previous tick
+    /// is not idle and skips that tick's comment.
+    evented: u64,
     /// The heartbeat tick at which the token's expiry was last checked.
     expiry_seen: u64,
     pending: VecDeque<Bytes>,
@@ -111,6 +115,7 @@ impl Subscription {
         let mut gaps = Vec::new();
         let mut sub = Subscription {
             heartbeat_seen: hub.heartbeat_tick(),
+            evented: 0,
             expiry_seen: hub.heartbeat_tick(),
             hub,
             client,
@@ -257,8 +262,13 @@ impl Subscription {
             let tick = self.hub.heartbeat_tick();
             if tick != self.heartbeat_seen {
                 self.heartbeat_seen = tick;
-                self.client.count(0, sse::HEARTBEAT.len());
-                return Poll::Ready(Some(Chunk::One(sse::HEARTBEAT)));
+                // Only idle streams need one: at 100,000 streams each
+                // comment is a write, and every stream writing at the same
+                // tick delayed the events behind them (PERFORMANCE.md).
+                if self.evented < tick {
+                    self.client.count(0, sse::HEARTBEAT.len());
+                    return Poll::Ready(Some(Chunk::One(sse::HEARTBEAT)));
+                }
             }
             if registered {
                 return Poll::Pending;
@@ -341,6 +351,7 @@ impl Subscription {
                     Chunk::Two(a, b) => a.len() + b.len(),
                 };
                 self.client.count(1, len);
+                self.evented = self.hub.heartbeat_tick() + 1;
                 return Some(chunk);
             }
             if !self.pending.is_empty() || self.client.close_reason().is_some() {

@@ -780,6 +780,27 @@ fn a_heartbeat_tick_yields_one_comment() {
     assert_eq!(sub.client().events_sent(), 0);
 }
 
+#[test]
+fn a_stream_that_carried_an_event_since_the_last_tick_skips_the_heartbeat() {
+    let hub = hub();
+    let mut sub = open(&hub, &["a"], None);
+    let counter = Arc::new(Counter::default());
+    let waker = Waker::from(counter.clone());
+    drain_with(&mut sub, &waker);
+
+    publish(&hub, "a", "x");
+    assert_eq!(events(&drain_with(&mut sub, &waker).0).len(), 1);
+    // The tick after the event: not idle, no comment.
+    hub.heartbeat();
+    assert_eq!(drain_with(&mut sub, &waker), (vec![], false));
+    // A whole interval without an event: the comment.
+    hub.heartbeat();
+    assert_eq!(
+        drain_with(&mut sub, &waker),
+        (vec![":\n\n".to_string()], false)
+    );
+}
+
 /// A bus that only exists: rings are made by the test, events published with
 /// `publish_at`, as a partitioned bus (Kafka) would.
 struct NullBus;
