@@ -396,6 +396,40 @@ async fn unless_stopped<F: Future>(
     .await
 }
 
+/// Connects stream `i` to its endpoint, from its source address (if any)
+/// and `port` (else one the kernel picks).
+async fn connect(streams: &Streams, i: usize, port: Option<u16>) -> std::io::Result<TcpStream> {
+    let t = streams.target.endpoint(i);
+    let socket = match t.addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| context(e, "socket"))?;
+    if let Some(src) = streams.target.source(i) {
+        // A run right after another finds many ports in TIME_WAIT; binding
+        // one of those is fine for an outgoing connection.
+        socket
+            .set_reuseaddr(true)
+            .map_err(|e| context(e, "socket"))?;
+        let bound = match port {
+            Some(p) => socket
+                .bind(SocketAddr::new(src, p))
+                .or_else(|_| socket.bind(SocketAddr::new(src, 0))),
+            None => socket.bind(SocketAddr::new(src, 0)),
+        };
+        bound.map_err(|e| context(e, &format!("bind {src}")))?;
+    }
+    socket
+        .connect(t.addr)
+        .await
+        .map_err(|e| context(e, "connect"))
+}
+
+/// `e`, its message prefixed with what failed; its kind kept.
+fn context(e: std::io::Error, what: &str) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 /// Connects, sends the GET (with `Last-Event-ID` when `last_id` is not
 /// empty) and reads the response head.
 async fn open(
@@ -406,25 +440,17 @@ async fn open(
 ) -> Result<Conn, OpenError> {
     let net = OpenError::Network;
     let t = streams.target.endpoint(i);
-    let socket = match t.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    // A first connection takes a port of its own (see `source_port`); a
+    // reconnect, whose old port may be in TIME_WAIT, or a port taken by
+    // something else, falls back to the kernel's choice.
+    let own_port = last_id.is_empty().then(|| streams.target.source_port(i));
+    let stream = match connect(streams, i, own_port).await {
+        Err(e) if own_port.is_some() && e.kind() == ErrorKind::AddrNotAvailable => {
+            connect(streams, i, None).await
+        }
+        r => r,
     }
-    .map_err(|e| net(format!("socket: {e}")))?;
-    if let Some(src) = streams.target.source(i) {
-        // A run right after another finds many ports in TIME_WAIT; binding
-        // one of those is fine for an outgoing connection.
-        socket
-            .set_reuseaddr(true)
-            .map_err(|e| net(format!("socket: {e}")))?;
-        socket
-            .bind(SocketAddr::new(src, 0))
-            .map_err(|e| net(format!("bind {src}: {e}")))?;
-    }
-    let stream = socket
-        .connect(t.addr)
-        .await
-        .map_err(|e| net(format!("connect: {e}")))?;
+    .map_err(|e| net(e.to_string()))?;
     let request = t.request(
         &crate::target::topic_name(topic as u64, streams.topics),
         last_id,
