@@ -146,3 +146,29 @@ start_bus() {
     done
     BUS_FLAGS=(--kafka-brokers "127.0.0.1:$port" --kafka-topics "$(topic_list)")
 }
+
+# Reads the bench's JSON lines on stdin and writes, per run, one line to
+# stderr: the replicas' and the load tool's CPU per delivery, the bus's CPU
+# per published event and each replica's RSS per idle stream.
+summary() {
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    bus = r.get("bus") or {}
+    # One replica: its figures are the top-level ones.
+    servers = r.get("servers") or ([r] if r.get("server_pid") else [])
+    d, p = r.get("delivered") or 0, r.get("published") or 0
+    per = lambda cpu, n: "%.2f us" % (cpu / n * 1e6) if n else "-"
+    rss = [s["rss_per_idle_stream_kib"] for s in servers if s.get("rss_per_idle_stream_kib")]
+    print("summary: %s: %d replicas, %d/%d streams open; CPU per delivery: replicas %s, load tool %s; "
+          "bus CPU per published event %s; RSS per idle stream %s KiB" % (
+        r["label"], len(servers), r["streams_open"], r["subscribers"],
+        per(r.get("server_cpu_s") or 0, d), per(r.get("bench_cpu_s") or 0, d),
+        per(bus.get("cpu_s") or 0, p),
+        "%.2f-%.2f" % (min(rss), max(rss)) if rss else "-"), file=sys.stderr)
+'
+}

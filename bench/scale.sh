@@ -28,6 +28,15 @@
 #   GATEWAY_FLAGS, BENCH_FLAGS extra flags (split at spaces)
 #   READY_TIMEOUT=300          how long a replica may take to answer /ready (s)
 #   KEEP=1                     keep the temp dir (logs) and print its path
+#   SWEEP="1 2 4 6"            run the same load once per replica count, in
+#                              that order, and print them side by side
+#                              (streamline-bench --table), then each run's
+#                              JSON line, and the summary lines; REPLICAS
+#                              is then ignored
+#
+# After each run a summary line goes to stderr: CPU per delivery of the
+# replicas and of the load tool, the bus's CPU per published event, and the
+# load average (the machine may be shared).
 set -euo pipefail
 
 BUS=${1:-redis}
@@ -51,6 +60,19 @@ log() { echo "scale: $*" >&2; }
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 find_binaries
+
+if [[ -n ${SWEEP:-} ]]; then
+    export STREAMLINE_BIN BENCH_BIN
+    RUNS=$(mktemp "${TMPDIR:-/tmp}/streamline-sweep.XXXXXX")
+    for r in $SWEEP; do
+        SWEEP="" "$0" "$BUS" "$r" "$STREAMS" "$TOPICS" "$RATE" "$DURATION" | tail -n 1 >>"$RUNS"
+    done
+    "$BENCH_BIN" --table "$RUNS"
+    cat "$RUNS"
+    summary <"$RUNS"
+    rm -f "$RUNS"
+    exit 0
+fi
 
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
@@ -110,9 +132,11 @@ read -r -a EXTRA_BENCH <<<"${BENCH_FLAGS:-}"
     -n "$STREAMS" --workers "$WORKERS" --source-addrs "$SOURCES" --topics "$TOPICS" --rate "$RATE" \
     --duration "$DURATION" --pid "$PIDS" --bus-pid "$(cat "$DIR/bus.pid")" \
     --connect-timeout 60s --publish-grace 60s --drain-quiet 20s \
-    --label "scale-$BUS-$REPLICAS-$STREAMS" "${MODE[@]}" "${EXTRA_BENCH[@]}" &
+    --label "scale-$BUS-$REPLICAS-$STREAMS" "${MODE[@]}" "${EXTRA_BENCH[@]}" >"$DIR/bench.out" &
 echo $! >"$DIR/bench.pid"
 rc=0
 wait "$(cat "$DIR/bench.pid")" || rc=$?
+cat "$DIR/bench.out"
 log "after: $(uptime)"
+tail -n 1 "$DIR/bench.out" | summary
 exit $rc
