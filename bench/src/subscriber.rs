@@ -297,7 +297,7 @@ pub async fn run(streams: Arc<Streams>, i: usize) -> Outcome {
     };
     let opened = {
         let _permit = streams.opening.acquire().await;
-        match tokio::time::timeout(streams.connect_timeout, open(&streams, i, topic, &[])).await {
+        match tokio::time::timeout(streams.connect_timeout, open(&streams, i, topic, None)).await {
             Ok(r) => r.map_err(OpenError::into_string),
             Err(_) => Err("timed out opening".to_owned()),
         }
@@ -347,7 +347,7 @@ pub async fn run(streams: Arc<Streams>, i: usize) -> Outcome {
             streams.note_reconnect(lost_at);
             let attempt = tokio::time::timeout(
                 streams.connect_timeout,
-                open(&streams, i, topic, &reader.scanner.last_id),
+                open(&streams, i, topic, Some(&reader.scanner.last_id)),
             );
             match unless_stopped(&streams, &stop, attempt).await {
                 None => break 'client,
@@ -430,20 +430,22 @@ fn context(e: std::io::Error, what: &str) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// Connects, sends the GET (with `Last-Event-ID` when `last_id` is not
-/// empty) and reads the response head.
+/// Connects, sends the GET and reads the response head: the stream's first
+/// connection (`last_id` `None`), or a reconnect (with `Last-Event-ID` when
+/// its last id is not empty).
 async fn open(
     streams: &Streams,
     i: usize,
     topic: usize,
-    last_id: &[u8],
+    last_id: Option<&[u8]>,
 ) -> Result<Conn, OpenError> {
     let net = OpenError::Network;
     let t = streams.target.endpoint(i);
     // A first connection takes a port of its own (see `source_port`); a
     // reconnect, whose old port may be in TIME_WAIT, or a port taken by
     // something else, falls back to the kernel's choice.
-    let own_port = last_id.is_empty().then(|| streams.target.source_port(i));
+    let own_port = last_id.is_none().then(|| streams.target.source_port(i));
+    let last_id = last_id.unwrap_or_default();
     let stream = match connect(streams, i, own_port).await {
         Err(e) if own_port.is_some() && e.kind() == ErrorKind::AddrNotAvailable => {
             connect(streams, i, None).await
