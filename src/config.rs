@@ -12,8 +12,7 @@ use ipnet::IpNet;
 
 use crate::auth::{Credentials, JwtOptions, KeyError, Secret, Verifier};
 
-use crate::backend::kafka::KafkaOptions;
-use crate::backend::redis::RedisOptions;
+use crate::backend::BusOptions;
 use crate::control::serve::ControlOptions;
 use crate::hub::{HubConfig, SlowClientPolicy};
 use crate::lifecycle::Timings;
@@ -448,6 +447,13 @@ pub enum ConfigError {
     },
     #[error("--{0}: {1}")]
     Kafka(&'static str, String),
+    /// A bus's flag given to a build without the bus's feature.
+    #[error("--{flag}: this build has no {bus} support (feature `{feature}`)")]
+    NotBuiltIn {
+        flag: &'static str,
+        bus: &'static str,
+        feature: &'static str,
+    },
     #[error("--mercure: {0}")]
     Mercure(String),
 }
@@ -469,10 +475,8 @@ pub struct Options {
     pub control: ControlOptions,
     /// With `--mercure`.
     pub mercure: Option<MercureOptions>,
-    /// With `--redis-url`.
-    pub redis: Option<RedisOptions>,
-    /// With `--kafka-brokers`.
-    pub kafka: Option<KafkaOptions>,
+    /// The buses: Redis with `--redis-url`, Kafka with `--kafka-brokers`.
+    pub buses: BusOptions,
     /// The shutdown sequence's timings.
     pub timings: Timings,
 }
@@ -563,9 +567,14 @@ impl Config {
         }
         let credentials = self.credentials()?;
         let replica_id = self.replica_id();
-        let kafka = self.kafka(&replica_id)?;
+        self.refuse_buses_left_out()?;
+        let buses = BusOptions {
+            #[cfg(feature = "kafka")]
+            kafka: self.kafka(&replica_id)?,
+            #[cfg(feature = "redis")]
+            redis: self.redis(&replica_id),
+        };
         let mercure = self.mercure()?;
-        let redis = self.redis(&replica_id);
         let stream = StreamOptions {
             auth: self.stream_auth(&credentials),
             ..self.stream_options(cors)
@@ -578,9 +587,33 @@ impl Config {
             credentials,
             stream,
             mercure,
-            redis,
-            kafka,
+            buses,
         })
+    }
+
+    /// The flags of a bus this build leaves out (its feature off) are an
+    /// error: ignored, they would start a gateway without the bus the
+    /// operator asked for.
+    fn refuse_buses_left_out(&self) -> Result<(), ConfigError> {
+        let kafka = self.kafka_brokers.is_some() || !self.kafka_topics.is_empty();
+        if kafka && !cfg!(feature = "kafka") {
+            return Err(ConfigError::NotBuiltIn {
+                flag: match self.kafka_brokers {
+                    Some(_) => "kafka-brokers",
+                    None => "kafka-topics",
+                },
+                bus: "Kafka",
+                feature: "kafka",
+            });
+        }
+        if self.redis_url.is_some() && !cfg!(feature = "redis") {
+            return Err(ConfigError::NotBuiltIn {
+                flag: "redis-url",
+                bus: "Redis",
+                feature: "redis",
+            });
+        }
+        Ok(())
     }
 
     /// Mercure's options with `--mercure` (key files read here).
@@ -654,8 +687,9 @@ impl Config {
     }
 
     /// The Redis bus's options, with `--redis-url`.
-    fn redis(&self, replica_id: &str) -> Option<RedisOptions> {
-        Some(RedisOptions {
+    #[cfg(feature = "redis")]
+    fn redis(&self, replica_id: &str) -> Option<crate::backend::redis::RedisOptions> {
+        Some(crate::backend::redis::RedisOptions {
             url: self.redis_url.clone()?,
             prefix: self.redis_prefix.clone(),
             stream_maxlen: self.redis_stream_maxlen,
@@ -667,8 +701,12 @@ impl Config {
     }
 
     /// The Kafka bus's options, with `--kafka-brokers`.
-    fn kafka(&self, replica_id: &str) -> Result<Option<KafkaOptions>, ConfigError> {
-        use crate::backend::kafka::TopicMap;
+    #[cfg(feature = "kafka")]
+    fn kafka(
+        &self,
+        replica_id: &str,
+    ) -> Result<Option<crate::backend::kafka::KafkaOptions>, ConfigError> {
+        use crate::backend::kafka::{KafkaOptions, TopicMap};
         let Some(brokers) = &self.kafka_brokers else {
             if !self.kafka_topics.is_empty() {
                 return Err(ConfigError::Kafka(
@@ -903,6 +941,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn kafka_flags_are_checked() {
         let c = Config::parse_from([
             "streamline",
@@ -955,25 +994,44 @@ mod tests {
             "https://a.example",
             "--jwt-secret",
             secret,
-            "--redis-url",
-            "redis://127.0.0.1:1",
-            "--kafka-brokers",
-            "k:9092",
-            "--kafka-topics",
-            "a",
             "--slow-client-policy",
             "skip",
         ]);
         let o = c.build().unwrap();
         assert_eq!(o.replica_id, "r7");
-        assert_eq!(o.redis.unwrap().replica_id, "r7");
-        assert_eq!(o.kafka.unwrap().replica_id, "r7");
         assert!(o.credentials.jwt.is_some() && o.stream.auth.is_some());
         assert!(o.mercure.is_none() && o.stream.mercure.is_none());
         let mut request = http::HeaderMap::new();
         request.insert(http::header::ORIGIN, "https://a.example".parse().unwrap());
         assert!(o.stream.cors.allowed(&request).is_some());
         assert_eq!(o.hub.slow_client_policy, SlowClientPolicy::Skip);
+    }
+
+    #[test]
+    fn a_bus_is_built_with_its_feature_and_refused_without() {
+        let build = |args: &[&str]| {
+            let mut all = vec!["streamline", "--replica-id", "r7"];
+            all.extend_from_slice(args);
+            Config::parse_from(all).build()
+        };
+        let kafka = build(&["--kafka-brokers", "k:9092", "--kafka-topics", "a"]);
+        let redis = build(&["--redis-url", "redis://127.0.0.1:1"]);
+        #[cfg(feature = "kafka")]
+        assert_eq!(kafka.unwrap().buses.kafka.unwrap().replica_id, "r7");
+        #[cfg(not(feature = "kafka"))]
+        assert_eq!(
+            kafka.unwrap_err().to_string(),
+            "--kafka-brokers: this build has no Kafka support (feature `kafka`)"
+        );
+        #[cfg(feature = "redis")]
+        assert_eq!(redis.unwrap().buses.redis.unwrap().replica_id, "r7");
+        #[cfg(not(feature = "redis"))]
+        assert_eq!(
+            redis.unwrap_err().to_string(),
+            "--redis-url: this build has no Redis support (feature `redis`)"
+        );
+        // Without the brokers: an error either way.
+        assert!(build(&["--kafka-topics", "a"]).is_err());
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //!   retries of a publish whose outcome is unknown.
 //! - [`topic`] — topic-name rules.
 //! - [`backend`] — the buses (`hub::Bus`) that make events durable and
-//!   shared between replicas (Redis, or Kafka as source and bus); without
-//!   one the hub is all there is.
+//!   shared between replicas (Redis, or Kafka as source and bus; features
+//!   `redis` and `kafka`, on by default); without one the hub is all there
+//!   is.
 //! - [`lifecycle`] — the shutdown token and the drain sequence.
 //! - [`auth`] — who may subscribe and publish: JWT verification shared by
 //!   both planes, and the configured secrets.
@@ -58,8 +59,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use backend::kafka::KafkaBus;
-use backend::redis::{RedisBus, clients::ClusterClients};
+use backend::Buses;
 pub use config::Config;
 use hub::Hub;
 use lifecycle::Lifecycle;
@@ -73,8 +73,7 @@ pub struct Gateway {
     control: TcpListener,
     stream: TcpListener,
     tracker: TaskTracker,
-    redis: Option<Arc<RedisBus>>,
-    kafka: Option<Arc<KafkaBus>>,
+    buses: Buses,
     replica: Arc<str>,
     credentials: auth::Credentials,
     mercure: Option<Arc<mercure::Mercure>>,
@@ -134,8 +133,7 @@ impl Gateway {
             stream: mut stream_options,
             control: control_options,
             mercure: mercure_options,
-            redis,
-            kafka,
+            buses,
             timings,
         } = config.build()?;
         let bind = |plane, addr| async move {
@@ -151,30 +149,14 @@ impl Gateway {
         let mercure = mercure_options.map(|options| mercure::Mercure::install(options, &hub));
         stream_options.mercure = mercure.clone();
         let tracker = TaskTracker::new();
-        let redis = match redis {
-            Some(opts) => Some(RedisBus::new(opts, &hub, tracker.clone())?),
-            None => None,
-        };
-        let kafka = match kafka {
-            Some(opts) => Some(KafkaBus::new(opts, &hub, tracker.clone())?),
-            None => None,
-        };
-        // The bus: Kafka when configured (Redis then keeps only the
-        // cluster-wide client registry), else Redis, else none. A fresh hub
-        // has no bus yet.
-        if let Some(bus) = &kafka {
-            let _ = hub.set_bus(bus.clone());
-        } else if let Some(bus) = &redis {
-            let _ = hub.set_bus(bus.clone());
-        }
+        let buses = Buses::new(buses, &hub, &tracker)?;
         Ok(Gateway {
             hub,
             config,
             control,
             stream,
             tracker,
-            redis,
-            kafka,
+            buses,
             replica: replica_id.into(),
             credentials,
             mercure,
@@ -207,8 +189,7 @@ impl Gateway {
             control,
             stream,
             tracker,
-            redis,
-            kafka,
+            buses,
             replica,
             credentials,
             mercure,
@@ -221,18 +202,8 @@ impl Gateway {
         let stream_addr = stream.local_addr().unwrap_or(c.stream_addr);
         let mut metrics = metrics::Metrics::new(hub.clone());
         metrics.register_lifecycle(life.clone());
-        if let Some(bus) = &kafka {
-            bus.spawn(&life);
-            metrics.register_kafka(bus.stats().clone());
-        }
-        let cluster = redis.as_ref().map(|bus| {
-            // With Kafka as the bus, Redis's tail follows nothing.
-            bus.spawn(&life);
-            metrics.register_redis(bus.stats().clone());
-            let cluster = ClusterClients::new(bus, &hub);
-            cluster.spawn(&life);
-            cluster
-        });
+        buses.spawn(&life);
+        metrics.register_buses(&buses);
 
         if c.cors_allow_origin.is_empty()
             && let Some(cors) = stream::cors::Cors::operators_page(control_addr)
@@ -267,7 +238,8 @@ impl Gateway {
             hub: hub.clone(),
             life: life.clone(),
             metrics: Arc::new(metrics),
-            cluster,
+            #[cfg(feature = "redis")]
+            cluster: buses.cluster(&hub, &life),
             replica: replica.clone(),
             access: Arc::new(control::auth::Access::new(
                 &credentials,

@@ -14,8 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::backend::kafka::KafkaStats;
-use crate::backend::redis::RedisStats;
+use crate::backend::Buses;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 
@@ -63,16 +62,20 @@ impl Metrics {
             .register_collector(Box::new(PhaseCollector(life)));
     }
 
-    /// Adds the Kafka bus's figures.
-    pub fn register_kafka(&mut self, stats: Arc<KafkaStats>) {
-        self.registry
-            .register_collector(Box::new(KafkaCollector(stats)));
-    }
-
-    /// Adds the Redis bus's figures.
-    pub fn register_redis(&mut self, stats: Arc<RedisStats>) {
-        self.registry
-            .register_collector(Box::new(RedisCollector(stats)));
+    /// Adds the figures of a gateway's buses.
+    #[cfg_attr(
+        not(any(feature = "kafka", feature = "redis")),
+        expect(unused_variables, reason = "no bus in this build")
+    )]
+    pub(crate) fn register_buses(&mut self, buses: &Buses) {
+        #[cfg(feature = "kafka")]
+        if let Some(bus) = &buses.kafka {
+            self.register_kafka(bus.stats().clone());
+        }
+        #[cfg(feature = "redis")]
+        if let Some(bus) = &buses.redis {
+            self.register_redis(bus.stats().clone());
+        }
     }
 
     /// The text exposition of every metric.
@@ -260,95 +263,127 @@ impl Collector for PhaseCollector {
     }
 }
 
-#[derive(Debug)]
-struct RedisCollector(Arc<RedisStats>);
+/// The Redis bus's figures.
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use crate::backend::redis::RedisStats;
 
-impl Collector for RedisCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let s = &self.0;
-        let rtt = s.rtt_micros.load(Relaxed) as f64 / 1e6;
-        let g = ConstGauge::new(rtt);
-        g.encode(e.encode_descriptor(
-            "redis_rtt_seconds",
-            "Round trip of the last Redis PING",
-            None,
-            g.metric_type(),
-        )?)?;
-        let lag = s.read_lag_ms.load(Relaxed) as f64 / 1e3;
-        let g = ConstGauge::new(lag);
-        g.encode(e.encode_descriptor(
-            "redis_read_lag_seconds",
-            "Age of the newest stream entry when the tail read it",
-            None,
-            g.metric_type(),
-        )?)?;
-        let reconnects = s.reconnects.load(Relaxed);
-        counter(
-            &mut e,
-            "redis_reconnects",
-            "Times the Redis tail reconnected",
-            reconnects,
-        )?;
-        Ok(())
+    impl Metrics {
+        /// Adds the Redis bus's figures.
+        pub fn register_redis(&mut self, stats: Arc<RedisStats>) {
+            self.registry
+                .register_collector(Box::new(RedisCollector(stats)));
+        }
+    }
+
+    #[derive(Debug)]
+    struct RedisCollector(Arc<RedisStats>);
+
+    impl Collector for RedisCollector {
+        fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+            let s = &self.0;
+            let rtt = s.rtt_micros.load(Relaxed) as f64 / 1e6;
+            let g = ConstGauge::new(rtt);
+            g.encode(e.encode_descriptor(
+                "redis_rtt_seconds",
+                "Round trip of the last Redis PING",
+                None,
+                g.metric_type(),
+            )?)?;
+            let lag = s.read_lag_ms.load(Relaxed) as f64 / 1e3;
+            let g = ConstGauge::new(lag);
+            g.encode(e.encode_descriptor(
+                "redis_read_lag_seconds",
+                "Age of the newest stream entry when the tail read it",
+                None,
+                g.metric_type(),
+            )?)?;
+            let reconnects = s.reconnects.load(Relaxed);
+            counter(
+                &mut e,
+                "redis_reconnects",
+                "Times the Redis tail reconnected",
+                reconnects,
+            )?;
+            Ok(())
+        }
     }
 }
 
-#[derive(Debug)]
-struct KafkaCollector(Arc<KafkaStats>);
+/// The Kafka bus's figures.
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::*;
+    use crate::backend::kafka::KafkaStats;
 
-impl Collector for KafkaCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let s = &self.0;
-        let mut family = e.encode_descriptor(
-            "kafka_records_consumed",
-            "Kafka records handed to the hub, by Kafka topic",
-            None,
-            MetricType::Counter,
-        )?;
-        for (topic, c) in s.topics() {
-            let labels = [("topic", topic.as_str())];
-            ConstCounter::new(c.consumed.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+    impl Metrics {
+        /// Adds the Kafka bus's figures.
+        pub fn register_kafka(&mut self, stats: Arc<KafkaStats>) {
+            self.registry
+                .register_collector(Box::new(KafkaCollector(stats)));
         }
-        let mut family = e.encode_descriptor(
-            "kafka_records_skipped",
-            "Kafka records not delivered because their value is not UTF-8, by Kafka topic",
-            None,
-            MetricType::Counter,
-        )?;
-        for (topic, c) in s.topics() {
-            let labels = [("topic", topic.as_str())];
-            ConstCounter::new(c.skipped.load(Relaxed)).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = e.encode_descriptor(
+    }
+
+    #[derive(Debug)]
+    struct KafkaCollector(Arc<KafkaStats>);
+
+    impl Collector for KafkaCollector {
+        fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+            let s = &self.0;
+            let mut family = e.encode_descriptor(
+                "kafka_records_consumed",
+                "Kafka records handed to the hub, by Kafka topic",
+                None,
+                MetricType::Counter,
+            )?;
+            for (topic, c) in s.topics() {
+                let labels = [("topic", topic.as_str())];
+                ConstCounter::new(c.consumed.load(Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = e.encode_descriptor(
+                "kafka_records_skipped",
+                "Kafka records not delivered because their value is not UTF-8, by Kafka topic",
+                None,
+                MetricType::Counter,
+            )?;
+            for (topic, c) in s.topics() {
+                let labels = [("topic", topic.as_str())];
+                ConstCounter::new(c.skipped.load(Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = e.encode_descriptor(
             "kafka_consumer_lag",
             "Records in a partition not consumed yet (high watermark - position), by Kafka topic and partition",
             None,
             MetricType::Gauge,
         )?;
-        for ((topic, partition), lag) in s.lag() {
-            let partition = partition.to_string();
-            let labels = [("topic", topic.as_str()), ("partition", partition.as_str())];
-            ConstGauge::new(lag).encode(family.encode_family(&labels)?)?;
+            for ((topic, partition), lag) in s.lag() {
+                let partition = partition.to_string();
+                let labels = [("topic", topic.as_str()), ("partition", partition.as_str())];
+                ConstGauge::new(lag).encode(family.encode_family(&labels)?)?;
+            }
+            let errors = s.produce_errors.load(Relaxed);
+            counter(
+                &mut e,
+                "kafka_produce_errors",
+                "Events PATCH /events could not get acknowledged by Kafka",
+                errors,
+            )?;
+            counter(
+                &mut e,
+                "kafka_duplicates_dropped",
+                "Records not delivered: copies of a record with the same Idempotency-Key already delivered",
+                s.duplicates_dropped.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "kafka_assignments",
+                "Times partitions were assigned to the consumer (every new partition of every topic at once)",
+                s.assignments.load(Relaxed),
+            )?;
+            Ok(())
         }
-        let errors = s.produce_errors.load(Relaxed);
-        counter(
-            &mut e,
-            "kafka_produce_errors",
-            "Events PATCH /events could not get acknowledged by Kafka",
-            errors,
-        )?;
-        counter(
-            &mut e,
-            "kafka_duplicates_dropped",
-            "Records not delivered: copies of a record with the same Idempotency-Key already delivered",
-            s.duplicates_dropped.load(Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "kafka_assignments",
-            "Times partitions were assigned to the consumer (every new partition of every topic at once)",
-            s.assignments.load(Relaxed),
-        )?;
-        Ok(())
     }
 }

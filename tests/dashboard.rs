@@ -2,6 +2,9 @@
 //! metric a panel queries is on `/metrics` (a replica on a real Redis; the
 //! Kafka bus's figures from the same renderer with its collector), and the
 //! file is a dashboard Grafana can import.
+//!
+//! It needs both buses' metrics: a build without them has other panels.
+#![cfg(all(feature = "kafka", feature = "redis"))]
 
 mod common;
 

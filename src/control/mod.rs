@@ -27,6 +27,7 @@ use axum::routing::{MethodFilter, on};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+#[cfg(feature = "redis")]
 use crate::backend::redis::clients::ClusterClients;
 use crate::error::ApiError;
 use crate::hub::BusError;
@@ -42,6 +43,7 @@ pub struct ControlState {
     pub life: Lifecycle,
     pub metrics: Arc<Metrics>,
     /// The cluster-wide client registry (with Redis).
+    #[cfg(feature = "redis")]
     pub cluster: Option<Arc<ClusterClients>>,
     /// This replica's name.
     pub replica: Arc<str>,
@@ -265,6 +267,7 @@ async fn list_clients(
             .as_ref()
             .is_none_or(|t| topics.iter().any(|ct| **ct == **t))
     };
+    #[cfg(feature = "redis")]
     if let (true, Some(registry)) = (cluster, &s.cluster) {
         let mut all = registry.list().await?;
         all.retain(|c| wanted(&c.topics));
@@ -299,6 +302,7 @@ async fn delete_client(
         tracing::info!(client = %id, "stream ended by an operator");
         return Ok(StatusCode::NO_CONTENT);
     }
+    #[cfg(feature = "redis")]
     if let Some(registry) = &s.cluster
         && registry.kick(&id).await?
     {
@@ -336,9 +340,17 @@ async fn stats(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Respons
     }
     let mut me = serde_json::to_value(s.hub.replica_stats(s.life.phase())).unwrap_or_default();
     me["replica"] = json!(&*s.replica);
+    #[cfg_attr(
+        not(feature = "redis"),
+        expect(unused_mut, reason = "no registry in this build")
+    )]
     let mut replicas = vec![me];
-    if let (true, Some(registry)) = (cluster, &s.cluster) {
-        replicas.extend(registry.other_stats().await?);
+    if cluster {
+        // Without a registry (Redis), this replica is the whole cluster.
+        #[cfg(feature = "redis")]
+        if let Some(registry) = &s.cluster {
+            replicas.extend(registry.other_stats().await?);
+        }
     }
     let body = json!({
         "replica": &*s.replica,
