@@ -343,13 +343,15 @@ impl Outbox {
     /// Starts a chunk of `len` bytes: the frames just queued, once the
     /// last chunk is written.
     fn size_line(&mut self, len: usize) {
-        use std::io::Write;
         debug_assert!(self.line.is_empty());
-        let mut rest = &mut self.size_line[..];
-        // Cannot fail: 16 hex digits and CRLF fit.
-        let _ = write!(rest, "{len:X}\r\n");
-        let rest = rest.len();
-        self.line = 0..MAX_SIZE_LINE - rest;
+        // By hand: `write!` with `{:X}` cost about 150 instructions per
+        // chunk (callgrind), a tenth of a write's user-space cost.
+        let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+        for (i, d) in self.size_line[..digits].iter_mut().enumerate() {
+            *d = b"0123456789ABCDEF"[(len >> (4 * (digits - 1 - i))) & 0xF];
+        }
+        self.size_line[digits..digits + 2].copy_from_slice(b"\r\n");
+        self.line = 0..digits + 2;
     }
 
     /// Writes as much as the socket takes in one vectored write.
@@ -464,6 +466,9 @@ mod tests {
         assert_eq!(size_line(0xab), b"AB\r\n");
         assert_eq!(size_line(4096), b"1000\r\n");
         assert_eq!(size_line(usize::MAX), b"FFFFFFFFFFFFFFFF\r\n");
+        for len in [0, 15, 16, 255, 256, 0xfff, 0x1000, 123_456_789, 1 << 63] {
+            assert_eq!(size_line(len), format!("{len:X}\r\n").as_bytes());
+        }
     }
 
     #[test]

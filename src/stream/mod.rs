@@ -29,10 +29,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -354,10 +359,53 @@ async fn pumped(
     // The stream ends itself (drain, kill, expiry, slow) with a notice;
     // once the gateway has ended it, that write is bounded.
     let draining = tokio::select! {
+        biased;
         _ = &mut pump => return,
-        _ = ended.cancelled() => life.is_draining(),
+        _ = on_own_wake(ended.cancelled()) => life.is_draining(),
     };
     finish(pump, &life, draining, write_timeout).await;
+}
+
+/// Awaits `fut`, polling it only when its own waker fired (and on the first
+/// poll), not on every wake-up of the task that awaits it. A stream's task
+/// wakes for every event it writes; the token that ends it fires once, and
+/// each poll of a `CancellationToken`'s future takes the token's mutex and
+/// its `Notify`'s. Costs one small allocation per connection (the flag).
+async fn on_own_wake<F: Future>(fut: F) -> F::Output {
+    let waker = Arc::new(OwnWaker {
+        due: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let own = Waker::from(waker.clone());
+    tokio::pin!(fut);
+    std::future::poll_fn(|cx| {
+        // Registered before the flag is read: a wake after the read finds
+        // this task's waker.
+        waker.task.register(cx.waker());
+        if !waker.due.swap(false, Acquire) {
+            return Poll::Pending;
+        }
+        fut.as_mut().poll(&mut Context::from_waker(&own))
+    })
+    .await
+}
+
+/// The waker [`on_own_wake`] polls its future with: marks it due, then
+/// wakes the task.
+struct OwnWaker {
+    due: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for OwnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Release);
+        self.task.wake();
+    }
 }
 
 /// Lets `conn`, which the gateway has ended, finish its last writes: until
@@ -434,6 +482,7 @@ impl Watch<'_> {
                 std::future::pending::<()>().await;
             }
         };
+        let ending = on_own_wake(ending);
         let draining = tokio::select! {
             out = conn.as_mut() => return Some(out),
             draining = ending => draining,
