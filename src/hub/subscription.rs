@@ -318,9 +318,16 @@ impl Subscription {
         if let Some(ordinal) = read {
             self.client.set_cursor(0, ordinal);
             sub.last = last;
-            self.client.count(n as u64, bytes);
+            self.wrote(n as u64, bytes);
         }
         n
+    }
+
+    /// Counts `events` events of `bytes` written, and marks the stream as
+    /// not idle for the current heartbeat tick (see `evented`).
+    fn wrote(&mut self, events: u64, bytes: usize) {
+        self.client.count(events, bytes);
+        self.evented = self.hub.heartbeat_tick() + 1;
     }
 
     /// Ends the stream once its token has expired. Checked once per
@@ -350,8 +357,7 @@ impl Subscription {
                     Chunk::One(b) => b.len(),
                     Chunk::Two(a, b) => a.len() + b.len(),
                 };
-                self.client.count(1, len);
-                self.evented = self.hub.heartbeat_tick() + 1;
+                self.wrote(1, len);
                 return Some(chunk);
             }
             if !self.pending.is_empty() || self.client.close_reason().is_some() {
