@@ -136,15 +136,15 @@ impl Gateway {
             buses,
             timings,
         } = config.build()?;
-        let bind = |plane, addr| async move {
+        let bind = |plane, addr| {
             listen(addr).map_err(|source| StartError::Bind {
                 plane,
                 addr,
                 source,
             })
         };
-        let control = bind("control", config.control_addr).await?;
-        let stream = bind("stream", config.stream_addr).await?;
+        let control = bind("control", config.control_addr)?;
+        let stream = bind("stream", config.stream_addr)?;
         let hub = Hub::new(hub_config);
         let mercure = mercure_options.map(|options| mercure::Mercure::install(options, &hub));
         stream_options.mercure = mercure.clone();
