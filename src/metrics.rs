@@ -95,7 +95,10 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+fn gauge<N>(e: &mut DescriptorEncoder, name: &str, help: &str, v: N) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
     let g = ConstGauge::new(v);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
@@ -283,22 +286,18 @@ mod redis {
     impl Collector for RedisCollector {
         fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
             let s = &self.0;
-            let rtt = s.rtt_micros.load(Relaxed) as f64 / 1e6;
-            let g = ConstGauge::new(rtt);
-            g.encode(e.encode_descriptor(
+            gauge(
+                &mut e,
                 "redis_rtt_seconds",
                 "Round trip of the last Redis PING",
-                None,
-                g.metric_type(),
-            )?)?;
-            let lag = s.read_lag_ms.load(Relaxed) as f64 / 1e3;
-            let g = ConstGauge::new(lag);
-            g.encode(e.encode_descriptor(
+                s.rtt_micros.load(Relaxed) as f64 / 1e6,
+            )?;
+            gauge(
+                &mut e,
                 "redis_read_lag_seconds",
                 "Age of the newest stream entry when the tail read it",
-                None,
-                g.metric_type(),
-            )?)?;
+                s.read_lag_ms.load(Relaxed) as f64 / 1e3,
+            )?;
             let reconnects = s.reconnects.load(Relaxed);
             counter(
                 &mut e,
