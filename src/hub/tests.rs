@@ -801,6 +801,24 @@ fn a_stream_that_carried_an_event_since_the_last_tick_skips_the_heartbeat() {
     );
 }
 
+#[test]
+fn events_taken_in_one_read_also_make_the_stream_not_idle() {
+    let hub = hub();
+    let mut sub = open(&hub, &["a"], None);
+    let counter = Arc::new(Counter::default());
+    let waker = Waker::from(counter.clone());
+    drain_with(&mut sub, &waker);
+
+    publish(&hub, "a", "x");
+    publish(&hub, "a", "y");
+    let mut taken: Vec<bytes::Bytes> = Vec::new();
+    assert_eq!(sub.take_ready(32, &mut taken), 2);
+    assert_eq!(poll(&mut sub, &waker), Poll::Pending);
+    // The tick after those events: not idle, no comment.
+    hub.heartbeat();
+    assert_eq!(drain_with(&mut sub, &waker), (vec![], false));
+}
+
 /// A bus that only exists: rings are made by the test, events published with
 /// `publish_at`, as a partitioned bus (Kafka) would.
 struct NullBus;
