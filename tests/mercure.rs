@@ -351,6 +351,46 @@ async fn publishing_is_authorized_and_checked() {
     expect_api_error(patch, 400, "invalid_event").await;
 }
 
+/// `--publish-rate` counts Mercure publishes too (by address, before the
+/// body is read): a flood gets 429s, and what was refused never reaches a
+/// subscriber while what was accepted all does, in order.
+#[tokio::test]
+async fn a_mercure_publish_flood_is_rate_limited_and_loses_nothing_accepted() {
+    let gw = gateway(&["--mercure-anonymous", "--publish-rate", "5"]).await;
+    let mut sub = subscribe(gw.stream, &[FOO]).await;
+    let p = publisher();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..40 {
+        let data = format!("flood {i}");
+        let res = post(gw.control, Some(&p), &[("topic", FOO), ("data", &data)]).await;
+        match res.status().as_u16() {
+            200 => accepted.push(data),
+            429 => {
+                assert_eq!(res.headers()["retry-after"], "1");
+                let body: Value = res.json().await.unwrap();
+                assert_eq!(body["error"], "rate_limited", "{body}");
+                refused += 1;
+            }
+            s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+        }
+    }
+    assert!(refused > 0, "40 publishes at once, none refused at 5/s");
+    assert!(accepted.len() >= 5, "the burst is accepted: {accepted:?}");
+
+    // Once the bucket refills, a last update goes through; the stream
+    // carries exactly the accepted ones before it.
+    common::eventually_async("a publish is accepted again", || async {
+        post(gw.control, Some(&p), &[("topic", FOO), ("data", "last")])
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    accepted.push("last".to_owned());
+    assert_eq!(data_until(&mut sub, "last").await, accepted);
+}
+
 #[tokio::test]
 async fn subscribers_are_authorized() {
     let gw = gateway(&[]).await;

@@ -79,6 +79,8 @@ enum Need {
     Metrics,
     Operator,
     Publisher,
+    /// Checks its own JWT (src/mercure/publish.rs); only the rate is ours.
+    MercurePublisher,
 }
 
 fn need(method: &Method, path: &str) -> Need {
@@ -87,8 +89,7 @@ fn need(method: &Method, path: &str) -> Need {
         "/" | "/health" | "/ready" if read => Need::Nothing,
         "/metrics" if read => Need::Metrics,
         "/events" if method == Method::PATCH => Need::Publisher,
-        // Mercure checks its own publisher JWT (src/mercure/publish.rs).
-        crate::mercure::PATH if method == Method::POST => Need::Nothing,
+        crate::mercure::PATH if method == Method::POST => Need::MercurePublisher,
         _ => Need::Operator,
     }
 }
@@ -133,12 +134,13 @@ impl Access {
                     "send `Authorization: Bearer <control token>`",
                 )),
             },
+            // Counted by address: its token is the handler's to read.
+            Need::MercurePublisher => {
+                self.rate(self.address(req))?;
+                Ok(Caller::Anyone)
+            }
             Need::Publisher => {
-                let peer = req
-                    .extensions()
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-                let address = PublisherKey::Address(ip_key(self.proxies.client_ip(peer, headers)));
+                let address = self.address(req);
                 let (caller, key) = match (&self.control_token, presented) {
                     (None, _) => (Caller::Anyone, address),
                     (Some(_), _) if is(&self.control_token) => (Caller::Operator, address),
@@ -171,6 +173,16 @@ impl Access {
         }
     }
 
+    /// The caller's address (behind trusted proxies, the client's) as a
+    /// rate key.
+    fn address(&self, req: &Request) -> PublisherKey {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        PublisherKey::Address(ip_key(self.proxies.client_ip(peer, req.headers())))
+    }
+
     fn rate(&self, key: PublisherKey) -> Result<(), ApiError> {
         let Some(limiter) = &self.publish_rate else {
             return Ok(());
@@ -178,7 +190,7 @@ impl Access {
         limiter.check(key).map_err(|wait| {
             ApiError::too_many_requests(
                 "rate_limited",
-                "too many PATCH /events requests from this publisher; slow down (or batch events)",
+                "too many publish requests from this publisher; slow down (or batch events)",
                 retry_after_secs(wait),
             )
         })
