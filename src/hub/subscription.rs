@@ -283,11 +283,13 @@ impl Subscription {
     /// What [`poll_next`](Self::poll_next) would return next, one event at
     /// a time, for a stream of one ring that keeps up: up to `max` events
     /// ready now, read under one lock of the ring instead of one per event.
-    /// Adds their bytes to `out` and returns how many. 0 when nothing is
+    /// Adds their bytes to `out` (with `chunks`, each one as an HTTP/1.1
+    /// chunk of its own, [`sse::Frame::chunk`], framed when it was
+    /// published) and returns how many. 0 when nothing is
     /// ready or something else comes first (a notice, the end, a reset,
     /// catch-up, history, lag): `poll_next` does that. Call `poll_next`
     /// after this in any case; only it registers the waker.
-    pub fn take_ready(&mut self, max: usize, out: &mut impl Extend<Bytes>) -> usize {
+    pub fn take_ready(&mut self, max: usize, chunks: bool, out: &mut impl Extend<Bytes>) -> usize {
         let [sub] = &mut self.subs[..] else {
             return 0;
         };
@@ -313,7 +315,8 @@ impl Subscription {
             n += 1;
             bytes += frame.len();
             last = pos;
-            out.extend(Some(frame.bytes().clone()));
+            let wire = if chunks { frame.chunk() } else { frame.bytes() };
+            out.extend(Some(wire.clone()));
         });
         if let Some(ordinal) = read {
             self.client.set_cursor(0, ordinal);

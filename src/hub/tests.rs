@@ -812,7 +812,7 @@ fn events_taken_in_one_read_also_make_the_stream_not_idle() {
     publish(&hub, "a", "x");
     publish(&hub, "a", "y");
     let mut taken: Vec<bytes::Bytes> = Vec::new();
-    assert_eq!(sub.take_ready(32, &mut taken), 2);
+    assert_eq!(sub.take_ready(32, false, &mut taken), 2);
     assert_eq!(poll(&mut sub, &waker), Poll::Pending);
     // The tick after those events: not idle, no comment.
     hub.heartbeat();
