@@ -74,10 +74,6 @@ pub struct Subscription {
     subs: Box<[Sub]>,
     next: usize,
     heartbeat_seen: u64,
-    /// One more than the heartbeat tick at which an event was last written
-    /// (0: none yet). A stream that wrote an event since the previous tick
-    /// is not idle and skips that tick's comment.
-    evented: u64,
     /// The heartbeat tick at which the token's expiry was last checked.
     expiry_seen: u64,
     pending: VecDeque<Bytes>,
@@ -115,7 +111,6 @@ impl Subscription {
         let mut gaps = Vec::new();
         let mut sub = Subscription {
             heartbeat_seen: hub.heartbeat_tick(),
-            evented: 0,
             expiry_seen: hub.heartbeat_tick(),
             hub,
             client,
@@ -265,7 +260,7 @@ impl Subscription {
                 // Only idle streams need one: at 100,000 streams each
                 // comment is a write, and every stream writing at the same
                 // tick delayed the events behind them (PERFORMANCE.md).
-                if self.evented < tick {
+                if self.client.idle_at(tick) {
                     self.client.count(0, sse::HEARTBEAT.len());
                     return Poll::Ready(Some(Chunk::One(sse::HEARTBEAT)));
                 }
@@ -327,10 +322,10 @@ impl Subscription {
     }
 
     /// Counts `events` events of `bytes` written, and marks the stream as
-    /// not idle for the current heartbeat tick (see `evented`).
+    /// not idle for the current heartbeat tick ([`Client::idle_at`]).
     fn wrote(&mut self, events: u64, bytes: usize) {
         self.client.count(events, bytes);
-        self.evented = self.hub.heartbeat_tick() + 1;
+        self.client.evented_at(self.hub.heartbeat_tick());
     }
 
     /// Ends the stream once its token has expired. Checked once per
