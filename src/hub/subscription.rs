@@ -329,7 +329,8 @@ impl Subscription {
     }
 
     /// Ends the stream once its token has expired. Checked once per
-    /// heartbeat tick, which wakes every stream: no timer per stream.
+    /// heartbeat tick, which wakes every stream with an expiry (and every
+    /// idle one): no timer per stream.
     fn check_expiry(&mut self) {
         let Some(at) = self.client.meta().expires_at else {
             return;

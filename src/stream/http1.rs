@@ -10,8 +10,11 @@
 //! what it held. A pumped stream holds its socket, its subscription and the
 //! frames being written (see PERFORMANCE.md).
 //!
-//! The pump writes the frames that are ready in one vectored write, as
-//! hyper did, and stops polling the subscription while a write is pending:
+//! The pump writes the frames that are ready in one write (vectored when
+//! there are several buffers): events as the HTTP/1.1 chunks they were
+//! framed into once, when published (`sse::Frame::chunk`), so a stream's
+//! usual write, one event, is one contiguous buffer and one `send`. It
+//! stops polling the subscription while a write is pending:
 //! a client that stops reading holds no more than its socket buffers, and
 //! the hub's slow-client policy sees it fall behind.
 //!
