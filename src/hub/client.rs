@@ -44,6 +44,11 @@ pub struct Client {
     joined_at: Box<[AtomicU64]>,
     events_sent: AtomicU64,
     bytes_sent: AtomicU64,
+    /// One more than the heartbeat tick at which the stream last wrote an
+    /// event (0: none yet). A stream that wrote one since the previous tick
+    /// is not idle: that tick's heartbeat neither wakes it nor has it write
+    /// a comment.
+    evented: AtomicU64,
     close: AtomicU8,
     waker: AtomicWaker,
 }
@@ -133,6 +138,7 @@ impl Client {
             joined_at,
             events_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            evented: AtomicU64::new(0),
             close: AtomicU8::new(OPEN),
             waker: AtomicWaker::new(),
         }
@@ -198,6 +204,18 @@ impl Client {
             .store(self.events_sent.load(Relaxed) + events, Relaxed);
         self.bytes_sent
             .store(self.bytes_sent.load(Relaxed) + bytes as u64, Relaxed);
+    }
+
+    /// Marks the stream as not idle during heartbeat tick `tick` (see
+    /// `evented`). Only the stream's own task calls this.
+    pub(super) fn evented_at(&self, tick: u64) {
+        self.evented.store(tick + 1, Relaxed);
+    }
+
+    /// Whether the stream wrote no event since tick `tick - 1`: heartbeat
+    /// tick `tick` is for it.
+    pub(super) fn idle_at(&self, tick: u64) -> bool {
+        self.evented.load(Relaxed) < tick
     }
 
     /// Asks the stream to end with `reason`. The first reason wins; returns

@@ -738,10 +738,23 @@ impl Hub {
         }
     }
 
-    /// Asks every stream to write a heartbeat comment.
+    /// Asks every idle stream to write a heartbeat comment. Only those are
+    /// woken (and those whose token expires, which check it on each tick):
+    /// a stream that wrote an event since the previous tick skips this
+    /// one's comment, and at 1 event/s per stream waking them all was one
+    /// more wake-up per stream per tick, all at once, for nothing.
     pub fn heartbeat(&self) {
-        self.heartbeat.fetch_add(1, Relaxed);
-        for client in self.clients() {
+        let tick = self.heartbeat.fetch_add(1, Relaxed) + 1;
+        // Woken outside the lock, which every stream's open and close takes.
+        let due: Vec<Arc<Client>> = {
+            let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            clients
+                .values()
+                .filter(|c| c.idle_at(tick) || c.meta().expires_at.is_some())
+                .cloned()
+                .collect()
+        };
+        for client in due {
             client.wake();
         }
     }

@@ -74,10 +74,6 @@ pub struct Subscription {
     subs: Box<[Sub]>,
     next: usize,
     heartbeat_seen: u64,
-    /// One more than the heartbeat tick at which an event was last written
-    /// (0: none yet). A stream that wrote an event since the previous tick
-    /// is not idle and skips that tick's comment.
-    evented: u64,
     /// The heartbeat tick at which the token's expiry was last checked.
     expiry_seen: u64,
     pending: VecDeque<Bytes>,
@@ -115,7 +111,6 @@ impl Subscription {
         let mut gaps = Vec::new();
         let mut sub = Subscription {
             heartbeat_seen: hub.heartbeat_tick(),
-            evented: 0,
             expiry_seen: hub.heartbeat_tick(),
             hub,
             client,
@@ -265,7 +260,7 @@ impl Subscription {
                 // Only idle streams need one: at 100,000 streams each
                 // comment is a write, and every stream writing at the same
                 // tick delayed the events behind them (PERFORMANCE.md).
-                if self.evented < tick {
+                if self.client.idle_at(tick) {
                     self.client.count(0, sse::HEARTBEAT.len());
                     return Poll::Ready(Some(Chunk::One(sse::HEARTBEAT)));
                 }
@@ -283,11 +278,13 @@ impl Subscription {
     /// What [`poll_next`](Self::poll_next) would return next, one event at
     /// a time, for a stream of one ring that keeps up: up to `max` events
     /// ready now, read under one lock of the ring instead of one per event.
-    /// Adds their bytes to `out` and returns how many. 0 when nothing is
+    /// Adds their bytes to `out` (with `chunks`, each one as an HTTP/1.1
+    /// chunk of its own, [`sse::Frame::chunk`], framed when it was
+    /// published) and returns how many. 0 when nothing is
     /// ready or something else comes first (a notice, the end, a reset,
     /// catch-up, history, lag): `poll_next` does that. Call `poll_next`
     /// after this in any case; only it registers the waker.
-    pub fn take_ready(&mut self, max: usize, out: &mut impl Extend<Bytes>) -> usize {
+    pub fn take_ready(&mut self, max: usize, chunks: bool, out: &mut impl Extend<Bytes>) -> usize {
         let [sub] = &mut self.subs[..] else {
             return 0;
         };
@@ -313,7 +310,8 @@ impl Subscription {
             n += 1;
             bytes += frame.len();
             last = pos;
-            out.extend(Some(frame.bytes().clone()));
+            let wire = if chunks { frame.chunk() } else { frame.bytes() };
+            out.extend(Some(wire.clone()));
         });
         if let Some(ordinal) = read {
             self.client.set_cursor(0, ordinal);
@@ -324,14 +322,15 @@ impl Subscription {
     }
 
     /// Counts `events` events of `bytes` written, and marks the stream as
-    /// not idle for the current heartbeat tick (see `evented`).
+    /// not idle for the current heartbeat tick ([`Client::idle_at`]).
     fn wrote(&mut self, events: u64, bytes: usize) {
         self.client.count(events, bytes);
-        self.evented = self.hub.heartbeat_tick() + 1;
+        self.client.evented_at(self.hub.heartbeat_tick());
     }
 
     /// Ends the stream once its token has expired. Checked once per
-    /// heartbeat tick, which wakes every stream: no timer per stream.
+    /// heartbeat tick, which wakes every stream with an expiry (and every
+    /// idle one): no timer per stream.
     fn check_expiry(&mut self) {
         let Some(at) = self.client.meta().expires_at else {
             return;

@@ -790,15 +790,41 @@ fn a_stream_that_carried_an_event_since_the_last_tick_skips_the_heartbeat() {
 
     publish(&hub, "a", "x");
     assert_eq!(events(&drain_with(&mut sub, &waker).0).len(), 1);
-    // The tick after the event: not idle, no comment.
+    // The tick after the event: not idle, not woken, no comment.
+    let woken = counter.wakes();
     hub.heartbeat();
+    assert_eq!(counter.wakes(), woken);
     assert_eq!(drain_with(&mut sub, &waker), (vec![], false));
-    // A whole interval without an event: the comment.
+    // A whole interval without an event: woken, the comment.
     hub.heartbeat();
+    assert_eq!(counter.wakes(), woken + 1);
     assert_eq!(
         drain_with(&mut sub, &waker),
         (vec![":\n\n".to_string()], false)
     );
+}
+
+#[test]
+fn a_busy_stream_whose_token_expires_is_woken_by_the_tick_to_end() {
+    let hub = hub();
+    let topics = vec!["a".to_string()];
+    let meta = ClientMeta {
+        expires_at: Some(std::time::SystemTime::now()),
+        ..meta()
+    };
+    let mut sub = hub.subscribe(&topics, None, meta).unwrap();
+    let counter = Arc::new(Counter::default());
+    let waker = Waker::from(counter.clone());
+    drain_with(&mut sub, &waker);
+    publish(&hub, "a", "x");
+    assert_eq!(events(&drain_with(&mut sub, &waker).0).len(), 1);
+    // Not idle, but its expiry is checked on each tick: woken, and it ends.
+    let woken = counter.wakes();
+    hub.heartbeat();
+    assert_eq!(counter.wakes(), woken + 1);
+    let (out, ended) = drain_with(&mut sub, &waker);
+    assert!(ended, "{out:?}");
+    assert!(out.iter().any(|s| s.contains("token_expired")), "{out:?}");
 }
 
 #[test]
@@ -812,10 +838,12 @@ fn events_taken_in_one_read_also_make_the_stream_not_idle() {
     publish(&hub, "a", "x");
     publish(&hub, "a", "y");
     let mut taken: Vec<bytes::Bytes> = Vec::new();
-    assert_eq!(sub.take_ready(32, &mut taken), 2);
+    assert_eq!(sub.take_ready(32, false, &mut taken), 2);
     assert_eq!(poll(&mut sub, &waker), Poll::Pending);
-    // The tick after those events: not idle, no comment.
+    // The tick after those events: not idle, not woken, no comment.
+    let woken = counter.wakes();
     hub.heartbeat();
+    assert_eq!(counter.wakes(), woken);
     assert_eq!(drain_with(&mut sub, &waker), (vec![], false));
 }
 

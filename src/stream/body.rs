@@ -33,12 +33,13 @@ impl SseBody {
     }
 
     /// The frames ready now, up to `max`, in one go (see
-    /// [`Subscription::take_ready`]); `poll_frame` must follow.
-    pub fn take_ready(&mut self, max: usize, out: &mut impl Extend<Bytes>) -> usize {
+    /// [`Subscription::take_ready`]; with `chunks`, each one an HTTP/1.1
+    /// chunk already); `poll_frame` must follow.
+    pub fn take_ready(&mut self, max: usize, chunks: bool, out: &mut impl Extend<Bytes>) -> usize {
         if self.second.is_some() {
             return 0;
         }
-        self.sub.take_ready(max, out)
+        self.sub.take_ready(max, chunks, out)
     }
 
     /// Holds `slot` (`--max-streams-per-ip`) for as long as the stream lasts.

@@ -10,8 +10,11 @@
 //! what it held. A pumped stream holds its socket, its subscription and the
 //! frames being written (see PERFORMANCE.md).
 //!
-//! The pump writes the frames that are ready in one vectored write, as
-//! hyper did, and stops polling the subscription while a write is pending:
+//! The pump writes the frames that are ready in one write (vectored when
+//! there are several buffers): events as the HTTP/1.1 chunks they were
+//! framed into once, when published (`sse::Frame::chunk`), so a stream's
+//! usual write, one event, is one contiguous buffer and one `send`. It
+//! stops polling the subscription while a write is pending:
 //! a client that stops reading holds no more than its socket buffers, and
 //! the hub's slow-client policy sees it fall behind.
 //!
@@ -40,14 +43,13 @@ use tokio::net::TcpStream;
 
 use super::StreamResponse;
 use super::body::SseBody;
+use crate::sse::{self, MAX_SIZE_LINE};
 
 /// Most frames taken from the subscription for one write.
 const MAX_BATCH: usize = 32;
 /// Bytes a client may send after its stream request (a pipelined request
 /// is never answered) before the stream is ended.
 const MAX_UNREAD: usize = 64 * 1024;
-/// hex digits of a `usize` and CRLF.
-const MAX_SIZE_LINE: usize = 18;
 /// Most slices in one write: the head, a size line, a batch of frames, the
 /// chunk's CRLF and the last chunk.
 const MAX_SLICES: usize = 2 + MAX_BATCH + 2;
@@ -210,7 +212,10 @@ pub struct Pump {
     body: SseBody,
     chunked: bool,
     out: Outbox,
-    /// The body has ended: what is queued is the last of it.
+    /// Bytes read from the body after pre-framed chunks (see
+    /// [`Pump::refill`]), written first in the next batch.
+    carry: Option<Bytes>,
+    /// The body has ended: what is queued (and carried) is the last of it.
     ended: bool,
     /// Bytes the client has sent since its request.
     unread: usize,
@@ -226,6 +231,7 @@ impl Pump {
                 head: stream.head,
                 ..Outbox::default()
             },
+            carry: None,
             ended: false,
             unread: 0,
         }
@@ -252,20 +258,40 @@ impl Pump {
         }
     }
 
-    /// Queues the frames the subscription has ready, as one chunk.
+    /// Queues the frames the subscription has ready. Over HTTP/1.1 the
+    /// events read in one go go out as the chunks they were framed into
+    /// when published (one contiguous buffer each, so a stream's usual
+    /// write of one event is one buffer); whatever else comes (notices,
+    /// heartbeats, the events of a multi-topic stream) goes out as one
+    /// chunk framed here.
     fn refill(&mut self, cx: &mut Context<'_>) {
-        // The events ready now under one read of the ring, then (one at a
-        // time) whatever else there is, until the body registers its waker.
-        let before = self.out.bufs.len();
-        let room = MAX_BATCH.saturating_sub(before);
-        self.body.take_ready(room, &mut self.out.bufs);
-        let mut len: usize = self.out.bufs.range(before..).map(Bytes::len).sum();
-        while self.out.bufs.len() < MAX_BATCH {
+        debug_assert!(self.out.bufs.is_empty() && self.out.line.is_empty());
+        // Something read last time after pre-framed events starts this
+        // batch, ahead of anything newer.
+        let mut len = 0;
+        if let Some(data) = self.carry.take() {
+            len = data.len();
+            self.out.bufs.push_back(data);
+        } else {
+            // The events ready now under one read of the ring, then (one at
+            // a time) whatever else there is, until the body registers its
+            // waker.
+            self.body
+                .take_ready(MAX_BATCH, self.chunked, &mut self.out.bufs);
+        }
+        let framed = len == 0 && !self.out.bufs.is_empty();
+        while !self.ended && self.out.bufs.len() < MAX_BATCH {
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {
+                        if framed && self.chunked {
+                            // Its chunk's size line would go before the
+                            // queued chunks: it waits for the next batch.
+                            self.carry = Some(data);
+                            break;
+                        }
                         len += data.len();
                         self.out.bufs.push_back(data);
                     }
@@ -283,7 +309,7 @@ impl Pump {
                 self.out.size_line(len);
                 self.out.bufs.push_back(CRLF);
             }
-            if self.ended {
+            if self.ended && self.carry.is_none() {
                 self.out.bufs.push_back(LAST_CHUNK);
             }
         }
@@ -309,7 +335,7 @@ impl Future for Pump {
                     Err(_) => return Poll::Ready(()),
                 }
             }
-            if this.ended {
+            if this.ended && this.carry.is_none() {
                 let _ = ready!(Pin::new(&mut this.socket).poll_shutdown(cx));
                 return Poll::Ready(());
             }
@@ -344,17 +370,11 @@ impl Outbox {
     /// last chunk is written.
     fn size_line(&mut self, len: usize) {
         debug_assert!(self.line.is_empty());
-        // By hand: `write!` with `{:X}` cost about 150 instructions per
-        // chunk (callgrind), a tenth of a write's user-space cost.
-        let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-        for (i, d) in self.size_line[..digits].iter_mut().enumerate() {
-            *d = b"0123456789ABCDEF"[(len >> (4 * (digits - 1 - i))) & 0xF];
-        }
-        self.size_line[digits..digits + 2].copy_from_slice(b"\r\n");
-        self.line = 0..digits + 2;
+        self.line = 0..sse::size_line(len, &mut self.size_line).len();
     }
 
-    /// Writes as much as the socket takes in one vectored write.
+    /// Writes as much as the socket takes in one write: vectored when
+    /// there is more than one buffer.
     fn poll_write(
         &mut self,
         socket: &mut (impl AsyncWrite + Unpin),
@@ -378,7 +398,13 @@ impl Outbox {
             slices[n] = IoSlice::new(&buf[from..]);
             n += 1;
         }
-        let mut written = ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices[..n]))?;
+        // One buffer (a stream's usual write: one pre-framed event) goes
+        // out with `write`, which spares the kernel the iovec.
+        let mut written = if n == 1 {
+            ready!(Pin::new(&mut *socket).poll_write(cx, &slices[0]))?
+        } else {
+            ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices[..n]))?
+        };
         if written == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
@@ -408,12 +434,6 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn size_line(len: usize) -> Vec<u8> {
-        let mut out = Outbox::default();
-        out.size_line(len);
-        out.size_line[out.line].to_vec()
-    }
 
     /// Writes everything queued in `out` through a pipe that takes at most
     /// `room` bytes at a time (and one buffer per write), reading the other
@@ -460,15 +480,93 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chunk_size_lines_are_hex() {
-        assert_eq!(size_line(1), b"1\r\n");
-        assert_eq!(size_line(0xab), b"AB\r\n");
-        assert_eq!(size_line(4096), b"1000\r\n");
-        assert_eq!(size_line(usize::MAX), b"FFFFFFFFFFFFFFFF\r\n");
-        for len in [0, 15, 16, 255, 256, 0xfff, 0x1000, 123_456_789, 1 << 63] {
-            assert_eq!(size_line(len), format!("{len:X}\r\n").as_bytes());
+    /// The chunks of a chunked body, checked strictly: each size line, the
+    /// CRLF after each chunk, the last chunk, then nothing.
+    fn chunks_of(mut body: &[u8]) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        loop {
+            let eol = body.windows(2).position(|w| w == b"\r\n").unwrap();
+            let hex = std::str::from_utf8(&body[..eol]).unwrap();
+            assert!(
+                hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                "size line {hex:?}"
+            );
+            let len = usize::from_str_radix(hex, 16).unwrap();
+            body = &body[eol + 2..];
+            if len == 0 {
+                assert_eq!(body, b"\r\n", "nothing after the last chunk");
+                return chunks;
+            }
+            chunks.push(body[..len].to_vec());
+            assert_eq!(&body[len..len + 2], b"\r\n", "a chunk ends with CRLF");
+            body = &body[len + 2..];
         }
+    }
+
+    /// Polls `pump` once.
+    async fn once(pump: &mut Pump) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *pump).poll(cx))).await
+    }
+
+    /// Events read in one go go out as the chunks framed at publish; a
+    /// notice read right after them goes in a chunk of its own after them,
+    /// then the last chunk: the body is the SSE stream, in order.
+    #[tokio::test]
+    async fn pre_framed_events_then_a_notice_make_one_valid_chunked_body() {
+        use crate::hub::{ClientMeta, Hub, HubConfig};
+        use tokio::io::AsyncReadExt;
+
+        let hub = Hub::new(HubConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Expired already: the stream ends at the first heartbeat tick, with
+        // a notice that `poll_frame` returns right after the ready events.
+        let meta = ClientMeta {
+            remote_addr: "127.0.0.1:4000".parse().unwrap(),
+            user_agent: None,
+            protocol: "HTTP/1.1",
+            connection: None,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            expires_at: Some(SystemTime::now()),
+        };
+        let sub = hub.subscribe(&["a".into()], None, meta).unwrap();
+        let mut pump = Pump::new(
+            server,
+            Stream {
+                head: Bytes::from_static(b"HEAD\r\n\r\n"),
+                body: SseBody::new(sub),
+                chunked: true,
+            },
+        );
+        assert!(
+            once(&mut pump).await.is_pending(),
+            "the preamble, then nothing"
+        );
+        let one = hub.publish("a", None, "one").unwrap();
+        let two = hub.publish("a", Some("e"), "two").unwrap();
+        hub.heartbeat();
+        assert!(
+            once(&mut pump).await.is_ready(),
+            "the events, the notice, the end"
+        );
+
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let body = wire.strip_prefix(b"HEAD\r\n\r\n".as_slice()).unwrap();
+        let chunks = chunks_of(body);
+        let text: Vec<String> = chunks
+            .iter()
+            .map(|c| String::from_utf8(c.clone()).unwrap())
+            .collect();
+        assert_eq!(text.len(), 4, "{text:?}");
+        assert!(text[0].starts_with("retry: "), "{text:?}");
+        assert_eq!(text[1], format!("id: {one}\ndata: one\n\n"));
+        assert_eq!(text[2], format!("id: {two}\nevent: e\ndata: two\n\n"));
+        assert!(text[3].contains("event: streamline.close\n"), "{text:?}");
+        assert!(text[3].contains("token_expired"), "{text:?}");
     }
 
     #[test]
