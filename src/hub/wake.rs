@@ -58,10 +58,10 @@ impl Wakes {
             .unwrap_or_else(|e| e.into_inner())
             .push(ring);
         if !self.scheduled.swap(true, AcqRel) {
-            let wakes = Arc::clone(self);
+            let flush = Flush(Arc::clone(self));
             runtime.spawn(async move {
                 tokio::task::yield_now().await;
-                wakes.flush();
+                drop(flush);
             });
         }
     }
@@ -75,5 +75,16 @@ impl Wakes {
             ring.wake_queued.swap(false, AcqRel);
             ring.notify();
         }
+    }
+}
+
+/// Flushes when dropped: after the yield, or when the runtime drops the
+/// task unrun (shutting down), so no publish is left unwoken and no later
+/// one finds a flush scheduled that never comes.
+struct Flush(Arc<Wakes>);
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.0.flush();
     }
 }
