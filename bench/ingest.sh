@@ -39,8 +39,10 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 out=$(mktemp -d "${TMPDIR:-/tmp}/streamline-ingest.XXXXXX")
 pid= sub=
 stop() {
-  if [ -n "$sub" ]; then kill -TERM "$sub" 2>/dev/null; wait "$sub" 2>/dev/null || true; fi
-  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; fi
+  # The subscriber may be gone already: under batches a curl that falls
+  # behind is closed as a slow client.
+  if [ -n "$sub" ]; then kill -TERM "$sub" 2>/dev/null || true; wait "$sub" 2>/dev/null || true; fi
+  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   pid= sub=
   return 0
 }
