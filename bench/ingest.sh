@@ -35,7 +35,11 @@ if [ -z "$gateway" ] && [[ " $servers " == *" streamline "* ]]; then
   (cd "$repo" && cargo build --release --quiet --bin streamline)
   gateway=$CARGO_TARGET_DIR/release/streamline
 fi
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Two free loopback ports, distinct (both held while the kernel picks them).
+ports() {
+  python3 -c 'import socket; a, b = socket.socket(), socket.socket()
+a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0)); print(a.getsockname()[1], b.getsockname()[1])'
+}
 out=$(mktemp -d "${TMPDIR:-/tmp}/streamline-ingest.XXXXXX")
 pid= sub=
 stop() {
@@ -54,7 +58,7 @@ for round in $(seq "$rounds"); do
   order=$servers
   [ $((round % 2)) -eq 0 ] && order=$(tr ' ' '\n' <<< "$servers" | tac | tr '\n' ' ')
   for server in $order; do
-    streams=$(port) control=$(port)
+    read -r streams control < <(ports)
     if [ "$server" = streamline ]; then
       RUST_LOG=warn STREAMLINE_PUBLISH_RATE=0 STREAMLINE_SHUTDOWN_DELAY=0s STREAMLINE_DRAIN_WINDOW=1s \
         "$gateway" --control-addr "127.0.0.1:$control" --stream-addr "127.0.0.1:$streams" \
@@ -64,7 +68,11 @@ for round in $(seq "$rounds"); do
       "$peers_dir/$server/run.sh" "$streams" "$control" > "$out/$server.log" 2>&1 &
     fi
     pid=$!
-    for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$control") 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 600); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$control") 2>/dev/null && break
+      kill -0 "$pid" 2>/dev/null || { echo "$server exited:" >&2; cat "$out/$server.log" >&2; exit 1; }
+      sleep 0.1
+    done
     if [ "${SUBSCRIBER:-1}" = 1 ]; then
       curl -sN "http://127.0.0.1:$streams/stream?topic=ingest" > /dev/null &
       sub=$!
