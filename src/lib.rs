@@ -252,6 +252,9 @@ impl Gateway {
         if let Some(m) = &mercure {
             router = router.layer(axum::Extension(m.clone()));
         }
+        // Publishes cross from the control runtime to the streams': one
+        // wake-up per topic per pass of a control worker, not per PATCH.
+        hub.coalesce_wakes();
         control::spawn_dedicated(control, router, control_options, life.clone());
 
         tracker.spawn(hub.clone().maintain(c.heartbeat, life.stop_token()));

@@ -123,14 +123,18 @@ pub async fn serve(
         let body_timeout = options.body_read_timeout;
         connections.spawn(async move {
             let _permit = permit;
-            let conn_life = life.clone();
+            // Shared by the connection's requests: a `Lifecycle` clone
+            // takes and releases a lock per token it holds, both control
+            // threads contending for them, where an `Arc` clone is one
+            // atomic add.
+            let conn_life = Arc::new(life.clone());
             let service = service_fn(move |req: Request<Incoming>| {
                 let mut req =
                     req.map(|body| axum::body::Body::new(BodyDeadline::new(body, body_timeout)));
                 // What `into_make_service_with_connect_info` would add: the
                 // peer feeds `--publish-rate` and `--trusted-proxy`.
                 req.extensions_mut().insert(ConnectInfo(remote));
-                let (router, life) = (router.clone(), conn_life.clone());
+                let (router, life) = (router.clone(), Arc::clone(&conn_life));
                 async move {
                     let mut res = router
                         .oneshot(req)
@@ -171,9 +175,15 @@ pub async fn serve(
 /// when the head was read) passes: unlike an idle timeout, a client that
 /// trickles bytes cannot hold its request (and its connection) open for
 /// longer than that.
+///
+/// The timer is armed only when the body has to be waited for: most bodies
+/// arrive with their head, and a timer per request is a timer-wheel insert
+/// and removal on the `PATCH` path. Once armed, it is checked before the
+/// body on every poll, as the deadline it enforces is the one of the head.
 pub struct BodyDeadline<B> {
     body: B,
-    deadline: Pin<Box<Sleep>>,
+    until: tokio::time::Instant,
+    deadline: Option<Pin<Box<Sleep>>>,
     timeout: Duration,
     done: bool,
 }
@@ -182,10 +192,16 @@ impl<B> BodyDeadline<B> {
     pub fn new(body: B, timeout: Duration) -> Self {
         BodyDeadline {
             body,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            until: tokio::time::Instant::now() + timeout,
+            deadline: None,
             timeout,
             done: false,
         }
+    }
+
+    fn timed_out(&mut self) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.timeout)))))
     }
 }
 
@@ -209,16 +225,28 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if !this.done && this.deadline.as_mut().poll(cx).is_ready() {
-            this.done = true;
-            return Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout)))));
-        }
         if this.done {
             return Poll::Ready(None);
         }
-        Pin::new(&mut this.body)
-            .poll_frame(cx)
-            .map(|frame| frame.map(|r| r.map_err(Into::into)))
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return this.timed_out();
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|r| r.map_err(Into::into))),
+            Poll::Pending => {
+                if this.deadline.is_none() {
+                    let mut deadline = Box::pin(tokio::time::sleep_until(this.until));
+                    let passed = deadline.as_mut().poll(cx).is_ready();
+                    this.deadline = Some(deadline);
+                    if passed {
+                        return this.timed_out();
+                    }
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

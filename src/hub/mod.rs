@@ -13,6 +13,7 @@ mod client;
 mod ring;
 mod slow;
 mod subscription;
+mod wake;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -183,6 +184,8 @@ pub struct Hub {
     /// One topic whose events another protocol encodes (Mercure).
     encoder: OnceLock<(Arc<str>, Arc<dyn Encoder>)>,
     started: Instant,
+    /// Coalesced wake-ups of publishes (off unless [`Hub::coalesce_wakes`]).
+    wakes: Arc<wake::Wakes>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -237,7 +240,18 @@ impl Hub {
             idempotency,
             encoder: OnceLock::new(),
             started: Instant::now(),
+            wakes: Arc::default(),
         })
+    }
+
+    /// From now on, [`publish_batch`](Self::publish_batch) (in memory)
+    /// wakes a topic's streams after the publishing task's runtime worker
+    /// has run the tasks ready at the time, once for all the batches
+    /// published meanwhile, rather than before it returns (see
+    /// [`wake`]). For a publisher on a runtime of its own, such as the
+    /// control plane: its wake-ups cross to the streams' runtime.
+    pub fn coalesce_wakes(&self) {
+        self.wakes.enable();
     }
 
     /// Plugs in the bus. Call before serving; a hub takes one bus for life.
@@ -461,7 +475,7 @@ impl Hub {
 
     /// Publishes a checked batch in memory: every topic is created first
     /// (or nothing is published), and each topic's streams are woken once,
-    /// after the whole batch.
+    /// after the whole batch (or later, coalesced: [`Hub::coalesce_wakes`]).
     fn publish_local(&self, events: &[NewEvent]) -> Result<Vec<String>, HubError> {
         self.ensure_topics(events.iter().map(|e| e.topic.as_str()))?;
         let mut ids = Vec::with_capacity(events.len());
@@ -482,7 +496,7 @@ impl Hub {
             }
         }
         for t in touched {
-            t.notify();
+            self.wakes.wake(t);
         }
         match failed {
             Some(err) => Err(err),

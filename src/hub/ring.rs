@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{
-    AtomicU64,
+    AtomicBool, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, Mutex, RwLock};
@@ -198,6 +198,8 @@ pub struct Ring {
     /// How many times the ring was reset: streams compare it with the count
     /// they last saw, without taking the ring's lock.
     resets: AtomicU64,
+    /// Queued for a coalesced wake-up (see [`super::wake`]).
+    pub(super) wake_queued: AtomicBool,
 }
 
 impl Ring {
@@ -234,6 +236,7 @@ impl Ring {
             })),
             subscribers: Mutex::new(Slab::new()),
             resets: AtomicU64::new(0),
+            wake_queued: AtomicBool::new(false),
         }
     }
 

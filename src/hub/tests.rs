@@ -187,6 +187,49 @@ fn a_publish_wakes_a_waiting_stream_once() {
     assert_eq!(counter.wakes(), 2);
 }
 
+#[tokio::test]
+async fn coalesced_publishes_wake_a_stream_once_after_the_publishers_pass() {
+    let hub = hub();
+    hub.coalesce_wakes();
+    let mut sub = open(&hub, &["a"], None);
+    let counter = Arc::new(Counter::default());
+    let waker = Waker::from(counter.clone());
+    drain_with(&mut sub, &waker);
+
+    let first = publish_batch(&hub, "a", 1).await;
+    let second = publish_batch(&hub, "a", 2).await;
+    assert_eq!(counter.wakes(), 0, "woken once the publishing task yields");
+    while counter.wakes() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (chunks, _) = drain_with(&mut sub, &waker);
+    let ids: Vec<String> = events(&chunks).into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, [first, second].concat());
+    assert_eq!(counter.wakes(), 1, "one wake-up for both batches");
+
+    // Queued again once the flush took it: a later publish wakes it.
+    publish_batch(&hub, "a", 1).await;
+    while counter.wakes() == 1 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(events(&drain_with(&mut sub, &waker).0).len(), 1);
+    // Outside a runtime, at once.
+    let outside = hub.clone();
+    std::thread::spawn(move || {
+        let events = [NewEvent {
+            topic: "a".into(),
+            event: None,
+            data: "x".into(),
+        }];
+        let publish = std::pin::pin!(outside.publish_batch(&events));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(publish.poll(&mut cx), Poll::Ready(Ok(_))));
+    })
+    .join()
+    .unwrap();
+    assert_eq!(counter.wakes(), 3);
+}
+
 #[test]
 fn a_multi_topic_stream_carries_a_cursor_over_all_its_topics() {
     let hub = hub();
