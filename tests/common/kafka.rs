@@ -15,6 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::WAIT;
@@ -137,18 +138,28 @@ impl Tansu {
             storage,
             s3,
         };
-        t.spawn().await;
-        t
+        // The port was free when picked, not necessarily when the broker
+        // binds it (tests run in parallel, each binding ports): another pick.
+        for _ in 0..5 {
+            if t.spawn().await {
+                return t;
+            }
+            t.port = free_port();
+        }
+        panic!("tansu could not bind a free port in 5 tries");
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the broker and waits for its `ready in` line; false when it
+    /// exited first (its port was taken: it prints no `ready` then). An
+    /// open port alone proves nothing: it may be another process's.
+    async fn spawn(&mut self) -> bool {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(tansu_bin());
         cmd.args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
         if let Some(s3) = &self.s3 {
@@ -158,8 +169,27 @@ impl Tansu {
                 .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3.port))
                 .env("AWS_ALLOW_HTTP", "true");
         }
-        self.child = Some(cmd.spawn().expect("spawn tansu"));
+        let mut child = cmd.spawn().expect("spawn tansu");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("ready in") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("tansu is ready or exits in time");
+        if !ready {
+            let _ = child.kill().await;
+            return false;
+        }
+        // Whatever it prints later is read, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
         wait_for_port(self.port, "tansu").await;
+        true
     }
 
     /// `bootstrap.servers` for this broker.
@@ -198,7 +228,7 @@ impl Tansu {
     /// Starts the broker again on the same port and storage.
     pub async fn restart(&mut self) {
         self.kill().await;
-        self.spawn().await;
+        assert!(self.spawn().await, "tansu restarts on port {}", self.port);
     }
 
     /// Creates a topic (Tansu creates none on produce: a producer to a
