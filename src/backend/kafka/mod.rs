@@ -548,8 +548,10 @@ impl KafkaBus {
             .map_err(unavailable)
     }
 
-    /// Starts consuming and the metadata watch; both end when `life` stops,
-    /// and the consumer and producer are closed then.
+    /// Starts consuming and the metadata watch; both end when backends
+    /// close (`Lifecycle::backends_closing`: after the control plane
+    /// answered its last PATCH), and the consumer and producer are closed
+    /// then.
     pub fn spawn(self: &Arc<Self>, life: &Lifecycle) {
         life.tracker()
             .spawn(self.clone().consume_loop(life.clone()));
@@ -569,7 +571,7 @@ impl KafkaBus {
                     m = consumer.recv() => m,
                     _ = lost(&health) => break,
                     _ = self.replace_consumer.notified() => break,
-                    _ = life.stopped() => break 'consumers,
+                    _ = life.backends_closing() => break 'consumers,
                 };
                 match msg {
                     Ok(m) => self.deliver(&m),
@@ -718,7 +720,7 @@ impl KafkaBus {
         loop {
             tokio::select! {
                 _ = tick.tick() => {},
-                _ = life.stopped() => return,
+                _ = life.backends_closing() => return,
             }
             let synced = self.sync_partitions(probe).await;
             // Every broker lost, or a topic gone: a consumer that still
