@@ -74,8 +74,31 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> S3Server {
-        let port = free_port();
-        let child = Command::new("python3")
+        // As for Tansu: the port picked may be taken by the time moto
+        // binds it, and then the port answers for another process.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = Self::spawn(port).await {
+                let res = reqwest::Client::new()
+                    .put(format!("http://127.0.0.1:{port}/tansu"))
+                    .send()
+                    .await
+                    .expect("create the bucket");
+                assert!(
+                    res.status().is_success(),
+                    "create the bucket: {}",
+                    res.status()
+                );
+                return S3Server { child, port };
+            }
+        }
+        panic!("moto could not bind a free port in 5 tries");
+    }
+
+    /// Starts moto on `port` and waits for its `Running on` line; `None`
+    /// when it exited first (its port was taken).
+    async fn spawn(port: u16) -> Option<Child> {
+        let mut child = Command::new("python3")
             .args([
                 "-m",
                 "moto.server",
@@ -86,22 +109,30 @@ impl S3Server {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("python3 -m moto.server (pip install 'moto[server]'; bash .ci/test does)");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let running = format!("Running on http://127.0.0.1:{port}");
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(&running) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("moto is ready or exits in time");
+        if !ready {
+            let _ = child.kill().await;
+            return None;
+        }
+        // It logs every request there: read, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         wait_for_port(port, "moto").await;
-        let res = reqwest::Client::new()
-            .put(format!("http://127.0.0.1:{port}/tansu"))
-            .send()
-            .await
-            .expect("create the bucket");
-        assert!(
-            res.status().is_success(),
-            "create the bucket: {}",
-            res.status()
-        );
-        S3Server { child, port }
+        Some(child)
     }
 }
 
