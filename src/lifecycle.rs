@@ -8,7 +8,8 @@
 //!    are told to close when idle; open streams are ended, spread evenly over
 //!    `--drain-window`, each with a `streamline.close` notice and a `retry:` hint.
 //! 3. **stopping** — listeners close, in-flight control requests finish,
-//!    backends flush and close, tracked tasks are awaited.
+//!    then backends flush and close (a PATCH still being answered needs its
+//!    bus), tracked tasks are awaited.
 //!
 //! Everything is bounded by `--grace-period` from the signal: past it the
 //! gateway stops waiting and returns. A second signal exits at once.
@@ -31,7 +32,13 @@ pub struct Lifecycle {
     shutdown: CancellationToken,
     drain: CancellationToken,
     stop: CancellationToken,
+    /// Cancelled once the control plane has answered its last request
+    /// (or the grace period ran out): backends close then.
+    close_backends: CancellationToken,
     tracker: TaskTracker,
+    /// The tasks that answer requests (the control plane), waited for
+    /// before backends close.
+    requests: TaskTracker,
 }
 
 impl Lifecycle {
@@ -45,7 +52,9 @@ impl Lifecycle {
             shutdown,
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
+            close_backends: CancellationToken::new(),
             tracker,
+            requests: TaskTracker::new(),
         }
     }
 
@@ -99,6 +108,14 @@ impl Lifecycle {
         self.stop.is_cancelled()
     }
 
+    /// Resolves once backends are to close: after phase 3 began and the
+    /// control plane answered its requests in flight (see [`shut_down`]).
+    /// A backend's clients live until then, so no PATCH being answered
+    /// finds its bus closed.
+    pub async fn backends_closing(&self) {
+        self.close_backends.cancelled().await
+    }
+
     /// The phase of the shutdown sequence this process is in, as the logs
     /// and `/metrics` name it: `serving`, `not_ready`, `draining` or
     /// `stopping`.
@@ -117,6 +134,12 @@ impl Lifecycle {
     /// Tracks the gateway's tasks, so shutdown can wait for them.
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
+    }
+
+    /// Tracks the tasks that answer requests (the control plane, also in
+    /// [`Lifecycle::tracker`]): backends close once they are done.
+    pub fn requests(&self) -> &TaskTracker {
+        &self.requests
     }
 }
 
@@ -153,6 +176,10 @@ pub async fn shut_down(life: &Lifecycle, hub: &Arc<Hub>, t: Timings) {
         "closing listeners"
     );
     life.stop();
+    // Requests in flight finish with their backends still open.
+    life.requests.close();
+    let _ = tokio::time::timeout_at(deadline, life.requests.wait()).await;
+    life.close_backends.cancel();
     life.tracker.close();
     if tokio::time::timeout_at(deadline, life.tracker.wait())
         .await

@@ -317,3 +317,35 @@ async fn control_connections_are_not_kept_alive_once_shutdown_began() {
         .unwrap_or(0);
     assert_eq!(n, 0, "the replica closes the connection after its answer");
 }
+
+/// A control connection opened before the listener closed gets its first
+/// request answered, even one that arrives once the replica stopped
+/// listening: a proxy opens a connection to send a request at once, and a
+/// connection closed under it (hyper counts one whose first request is not
+/// parsed yet as idle) makes it answer 502, the outcome of a PATCH unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_connection_opened_before_the_listener_closed_gets_its_answer() {
+    use tokio::io::AsyncWriteExt;
+    let mut gw = BinaryGateway::start(&[]).await;
+    let control = gw.control;
+    let mut conn = tokio::net::TcpStream::connect(control).await.unwrap();
+    gw.signal("TERM");
+    let mut lines = Vec::new();
+    log_until(&mut gw, &mut lines, "stopping").await;
+    // The listener is closed: the replica acted on the stop.
+    eventually_async("the control listener is closed", || async move {
+        tokio::net::TcpStream::connect(control).await.is_err()
+    })
+    .await;
+    let body = r#"{"topic":"t","data":"x"}"#;
+    let patch = format!(
+        "PATCH /events HTTP/1.1\r\nHost: {control}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(patch.as_bytes()).await.unwrap();
+    let head = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 202"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let status = gw.wait_exit().await;
+    assert!(status.success(), "exit status {status}");
+}

@@ -452,6 +452,46 @@ async fn shutdown_closes_the_consumer_and_producer_cleanly() {
     assert!(bad.is_empty(), "warnings or errors about Kafka: {bad:#?}");
 }
 
+/// A PATCH the control plane still answers once the replica stopped
+/// listening (it came on a connection opened before) is produced to Kafka
+/// and acknowledged: the producer closes only after the control plane
+/// answered its last request, not when the listeners close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_answered_while_the_replica_stops_still_goes_through_kafka() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = Tansu::start().await;
+    broker.create_topic("s", 1).await;
+    let flags = kafka_flags(&broker, "s", "late");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut gw = BinaryGateway::start(&flags).await;
+    wait_ready(gw.control).await;
+    let control = gw.control;
+    let mut conn = tokio::net::TcpStream::connect(control).await.unwrap();
+
+    gw.signal("TERM");
+    gw.wait_log("stopping").await;
+    eventually_async("the control listener is closed", || async move {
+        tokio::net::TcpStream::connect(control).await.is_err()
+    })
+    .await;
+    let body = r#"{"topic":"s","data":"late"}"#;
+    let patch = format!(
+        "PATCH /events HTTP/1.1\r\nHost: {control}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(patch.as_bytes()).await.unwrap();
+    // Answered with `Connection: close`: the whole answer, then the end.
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(answer.contains(r#""ids":["s:0-1"]"#), "{answer}");
+    assert!(gw.wait_exit().await.success(), "exit 0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_too_kafka_is_the_bus_and_redis_keeps_the_client_registry() {
     let broker = Tansu::start().await;

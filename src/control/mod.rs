@@ -186,7 +186,8 @@ pub fn spawn_dedicated(
     life: Lifecycle,
 ) {
     let tracker = life.tracker().clone();
-    let served = tracker.track_future(async move {
+    let requests = life.requests().clone();
+    let served = tracker.track_future(requests.track_future(async move {
         // Re-registered with this runtime, which then does all of the
         // control plane's I/O.
         let listener = match listener.into_std().and_then(TcpListener::from_std) {
@@ -199,7 +200,7 @@ pub fn spawn_dedicated(
         if let Err(e) = serve::serve(listener, router, options, life).await {
             tracing::error!(error = %e, "control plane failed");
         }
-    });
+    }));
     let span = tracing::Span::current();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(THREADS)

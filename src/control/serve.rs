@@ -58,7 +58,8 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serves `router` on `listener` until the lifecycle stops; then asks every
-/// connection to finish its request in flight and close, and waits for
+/// connection to finish its request in flight and close (one that has not
+/// had a request yet answers its first, see [`Conn::serve`]), and waits for
 /// them (the caller bounds the wait by the grace period).
 pub async fn serve(
     listener: TcpListener,
@@ -118,57 +119,115 @@ pub async fn serve(
             },
             _ = life.stopped() => break,
         };
-        let _ = stream.set_nodelay(true);
-        let (router, builder, life) = (router.clone(), builder.clone(), life.clone());
-        let body_timeout = options.body_read_timeout;
-        connections.spawn(async move {
-            let _permit = permit;
-            // Shared by the connection's requests: a `Lifecycle` clone
-            // takes and releases a lock per token it holds, both control
-            // threads contending for them, where an `Arc` clone is one
-            // atomic add.
-            let conn_life = Arc::new(life.clone());
-            let service = service_fn(move |req: Request<Incoming>| {
-                let mut req =
-                    req.map(|body| axum::body::Body::new(BodyDeadline::new(body, body_timeout)));
-                // What `into_make_service_with_connect_info` would add: the
-                // peer feeds `--publish-rate` and `--trusted-proxy`.
-                req.extensions_mut().insert(ConnectInfo(remote));
-                let (router, life) = (router.clone(), Arc::clone(&conn_life));
-                async move {
-                    let mut res = router
-                        .oneshot(req)
-                        .await
-                        .unwrap_or_else(|never| match never {});
-                    // From the shutdown request on, close after answering,
-                    // so a proxy's kept-alive connections to this replica
-                    // are gone before its listener closes. Otherwise a
-                    // proxy may send a PATCH on an idle connection just as
-                    // the replica closes it, and must answer 502 without
-                    // knowing whether it was published.
-                    if life.shutting_down() {
-                        res.headers_mut().insert(
-                            http::header::CONNECTION,
-                            http::HeaderValue::from_static("close"),
-                        );
-                    }
-                    Ok::<_, Infallible>(res)
-                }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = life.stopped() => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        });
+        let conn = Conn {
+            router: router.clone(),
+            builder: builder.clone(),
+            life: life.clone(),
+            body_timeout: options.body_read_timeout,
+        };
+        connections.spawn(conn.serve(stream, remote, permit));
     }
-    drop(listener);
+    // Connections the kernel completed before the listener closes carry a
+    // request already sent (a proxy connects to send one at once): closing
+    // the listener would reset them, and the proxy answer 502, the outcome
+    // unknown. They are served like the others; the kernel is asked
+    // directly, as the reactor may not have seen them yet.
+    if let Ok(pending) = listener.into_std() {
+        while let Ok((stream, remote)) = pending.accept() {
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream));
+            let (Ok(stream), Ok(permit)) = (stream, slots.clone().try_acquire_owned()) else {
+                continue;
+            };
+            let conn = Conn {
+                router: router.clone(),
+                builder: builder.clone(),
+                life: life.clone(),
+                body_timeout: options.body_read_timeout,
+            };
+            connections.spawn(conn.serve(stream, remote, permit));
+        }
+    }
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// What a control connection needs, cloned per connection.
+struct Conn {
+    router: Router,
+    builder: Arc<hyper::server::conn::http1::Builder>,
+    life: Lifecycle,
+    body_timeout: Duration,
+}
+
+impl Conn {
+    /// Serves one connection. When the lifecycle stops, a connection that
+    /// answered a request is closed once idle (`graceful_shutdown`); one
+    /// that has not answered any yet gets its first request answered (with
+    /// `Connection: close`), within `--control-header-read-timeout`: it
+    /// was opened to send that request, and may have sent it already.
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        remote: std::net::SocketAddr,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let Conn {
+            router,
+            builder,
+            life,
+            body_timeout,
+        } = self;
+        // Shared by the connection's requests: a `Lifecycle` clone takes
+        // and releases a lock per token it holds, both control threads
+        // contending for them, where an `Arc` clone is one atomic add.
+        let conn_life = Arc::new(life.clone());
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asked_here = asked.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            asked_here.store(true, std::sync::atomic::Ordering::Relaxed);
+            let mut req =
+                req.map(|body| axum::body::Body::new(BodyDeadline::new(body, body_timeout)));
+            // What `into_make_service_with_connect_info` would add: the
+            // peer feeds `--publish-rate` and `--trusted-proxy`.
+            req.extensions_mut().insert(ConnectInfo(remote));
+            let (router, life) = (router.clone(), Arc::clone(&conn_life));
+            async move {
+                let mut res = router
+                    .oneshot(req)
+                    .await
+                    .unwrap_or_else(|never| match never {});
+                // From the shutdown request on, close after answering,
+                // so a proxy's kept-alive connections to this replica
+                // are gone before its listener closes. Otherwise a
+                // proxy may send a PATCH on an idle connection just as
+                // the replica closes it, and must answer 502 without
+                // knowing whether it was published.
+                if life.shutting_down() {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(res)
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = life.stopped() => {}
+        }
+        // hyper counts a connection whose first request has not been
+        // parsed yet as idle, and would close it under that request.
+        if asked.load(std::sync::atomic::Ordering::Relaxed) {
+            conn.as_mut().graceful_shutdown();
+        }
+        let _ = conn.await;
+    }
 }
 
 /// A request body that fails with [`BodyTimedOut`] once its deadline (set

@@ -15,6 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::WAIT;
@@ -73,8 +74,31 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> S3Server {
-        let port = free_port();
-        let child = Command::new("python3")
+        // As for Tansu: the port picked may be taken by the time moto
+        // binds it, and then the port answers for another process.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = Self::spawn(port).await {
+                let res = reqwest::Client::new()
+                    .put(format!("http://127.0.0.1:{port}/tansu"))
+                    .send()
+                    .await
+                    .expect("create the bucket");
+                assert!(
+                    res.status().is_success(),
+                    "create the bucket: {}",
+                    res.status()
+                );
+                return S3Server { child, port };
+            }
+        }
+        panic!("moto could not bind a free port in 5 tries");
+    }
+
+    /// Starts moto on `port` and waits for its `Running on` line; `None`
+    /// when it exited first (its port was taken).
+    async fn spawn(port: u16) -> Option<Child> {
+        let mut child = Command::new("python3")
             .args([
                 "-m",
                 "moto.server",
@@ -85,22 +109,30 @@ impl S3Server {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("python3 -m moto.server (pip install 'moto[server]'; bash .ci/test does)");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let running = format!("Running on http://127.0.0.1:{port}");
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(&running) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("moto is ready or exits in time");
+        if !ready {
+            let _ = child.kill().await;
+            return None;
+        }
+        // It logs every request there: read, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         wait_for_port(port, "moto").await;
-        let res = reqwest::Client::new()
-            .put(format!("http://127.0.0.1:{port}/tansu"))
-            .send()
-            .await
-            .expect("create the bucket");
-        assert!(
-            res.status().is_success(),
-            "create the bucket: {}",
-            res.status()
-        );
-        S3Server { child, port }
+        Some(child)
     }
 }
 
@@ -137,18 +169,28 @@ impl Tansu {
             storage,
             s3,
         };
-        t.spawn().await;
-        t
+        // The port was free when picked, not necessarily when the broker
+        // binds it (tests run in parallel, each binding ports): another pick.
+        for _ in 0..5 {
+            if t.spawn().await {
+                return t;
+            }
+            t.port = free_port();
+        }
+        panic!("tansu could not bind a free port in 5 tries");
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the broker and waits for its `ready in` line; false when it
+    /// exited first (its port was taken: it prints no `ready` then). An
+    /// open port alone proves nothing: it may be another process's.
+    async fn spawn(&mut self) -> bool {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(tansu_bin());
         cmd.args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
         if let Some(s3) = &self.s3 {
@@ -158,8 +200,27 @@ impl Tansu {
                 .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3.port))
                 .env("AWS_ALLOW_HTTP", "true");
         }
-        self.child = Some(cmd.spawn().expect("spawn tansu"));
+        let mut child = cmd.spawn().expect("spawn tansu");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("ready in") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("tansu is ready or exits in time");
+        if !ready {
+            let _ = child.kill().await;
+            return false;
+        }
+        // Whatever it prints later is read, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
         wait_for_port(self.port, "tansu").await;
+        true
     }
 
     /// `bootstrap.servers` for this broker.
@@ -198,7 +259,7 @@ impl Tansu {
     /// Starts the broker again on the same port and storage.
     pub async fn restart(&mut self) {
         self.kill().await;
-        self.spawn().await;
+        assert!(self.spawn().await, "tansu restarts on port {}", self.port);
     }
 
     /// Creates a topic (Tansu creates none on produce: a producer to a

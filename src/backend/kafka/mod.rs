@@ -174,10 +174,12 @@ impl KafkaStats {
 /// Routes librdkafka's own log lines and errors into `tracing`. Its lines
 /// repeat on every reconnect attempt, so they are debug-level: the gateway
 /// reports Kafka going down and coming back once, itself. A producer's
-/// context also notes when every broker was lost.
+/// and the consumer's context also note when every broker was lost.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Context {
     health: Option<Arc<Health>>,
+    /// The client is the producer (see [`lost_every_broker`]).
+    producer: bool,
 }
 
 /// What a client went through since it was started.
@@ -214,6 +216,30 @@ fn brokers_lost(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
 }
 
+/// Whether a client error, with librdkafka's `reason`, tells the producer
+/// (or the consumer) that it lost every broker.
+///
+/// librdkafka (2.12.1, `rd_kafka_broker_set_state`) raises `AllBrokersDown`
+/// when its count of brokers down reaches the number of brokers, then asks
+/// for a re-bootstrap, which resets that count on the main thread, and only
+/// then reads the count again to write "N/M brokers are down". So "1/1" and
+/// "0/1" are the same event, the count read before or after the reset: which
+/// one a client gets is a race between two threads (a loaded machine
+/// tells "0/1" more often).
+///
+/// The producer counts both: one that is not replaced after an outage keeps
+/// the producer id the broker may have forgotten, and a broker that lost its
+/// state answers every produce with `UNKNOWN_PRODUCER_ID` while librdkafka
+/// bumps the epoch and retries until `--kafka-timeout`, under a `/ready`
+/// that says 200. A producer replaced without need costs one metadata round
+/// of 503. The consumer ignores "0/…" as before (it was also seen while
+/// librdkafka swaps the bootstrap address for the broker's own): an outage
+/// it misses this way is seen by the watch (a failed round), which replaces
+/// it.
+fn lost_every_broker(e: &KafkaError, reason: &str, producer: bool) -> bool {
+    brokers_lost(e) && (producer || !reason.starts_with("0/"))
+}
+
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         use RDKafkaLogLevel::*;
@@ -226,11 +252,8 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        // librdkafka also says "0/1 brokers are down" for a moment while
-        // it swaps the bootstrap address for the broker's own: not lost.
         if let Some(health) = &self.health
-            && brokers_lost(&error)
-            && !reason.starts_with("0/")
+            && lost_every_broker(&error, reason, self.producer)
         {
             health.brokers_lost.store(true, Relaxed);
             health.lost.notify_one();
@@ -525,8 +548,10 @@ impl KafkaBus {
             .map_err(unavailable)
     }
 
-    /// Starts consuming and the metadata watch; both end when `life` stops,
-    /// and the consumer and producer are closed then.
+    /// Starts consuming and the metadata watch; both end when backends
+    /// close (`Lifecycle::backends_closing`: after the control plane
+    /// answered its last PATCH), and the consumer and producer are closed
+    /// then.
     pub fn spawn(self: &Arc<Self>, life: &Lifecycle) {
         life.tracker()
             .spawn(self.clone().consume_loop(life.clone()));
@@ -546,7 +571,7 @@ impl KafkaBus {
                     m = consumer.recv() => m,
                     _ = lost(&health) => break,
                     _ = self.replace_consumer.notified() => break,
-                    _ = life.stopped() => break 'consumers,
+                    _ = life.backends_closing() => break 'consumers,
                 };
                 match msg {
                     Ok(m) => self.deliver(&m),
@@ -695,7 +720,7 @@ impl KafkaBus {
         loop {
             tokio::select! {
                 _ = tick.tick() => {},
-                _ = life.stopped() => return,
+                _ = life.backends_closing() => return,
             }
             let synced = self.sync_partitions(probe).await;
             // Every broker lost, or a topic gone: a consumer that still
@@ -1211,6 +1236,7 @@ impl KafkaOptions {
             .apply(&self.config)
             .create_with_context(Context {
                 health: Some(Arc::new(Health::default())),
+                producer: false,
             })
             .map_err(unavailable)
     }
@@ -1237,6 +1263,7 @@ impl KafkaOptions {
             .apply(&self.config)
             .create_with_context(Context {
                 health: Some(health.clone()),
+                producer: true,
             })
             .map_err(unavailable)?;
         Ok(LiveProducer { inner, health })
@@ -1434,6 +1461,20 @@ mod tests {
         for bad in ["", "=x", "a b", "a=", "a=b c", "a=b=c", "a:b"] {
             assert!(TopicMap::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// librdkafka tells the same outage as "1/1" or "0/1" brokers down,
+    /// by a race (see `lost_every_broker`): the producer counts both.
+    #[test]
+    fn a_producer_counts_every_all_brokers_down() {
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        for reason in ["1/1 brokers are down", "0/1 brokers are down"] {
+            assert!(lost_every_broker(&down, reason, true), "{reason}");
+        }
+        assert!(lost_every_broker(&down, "1/1 brokers are down", false));
+        assert!(!lost_every_broker(&down, "0/1 brokers are down", false));
+        let transport = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        assert!(!lost_every_broker(&transport, "1/1 brokers are down", true));
     }
 
     #[test]
