@@ -193,6 +193,8 @@ impl Tansu {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
+        // Hung with SIGSTOP by tests: only they may resume it.
+        super::own_process_group(&mut cmd);
         if let Some(s3) = &self.s3 {
             cmd.env("AWS_ACCESS_KEY_ID", "test")
                 .env("AWS_SECRET_ACCESS_KEY", "test")

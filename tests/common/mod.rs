@@ -28,6 +28,21 @@ use tokio_util::sync::CancellationToken;
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Puts a server that a test hangs with SIGSTOP in a process group of its
+/// own, so that only the test resumes it.
+///
+/// The kernel sends SIGHUP then SIGCONT to every process of a process group
+/// that becomes orphaned while one of them is stopped (POSIX job control).
+/// A server in the test's own group was resumed mid-hang (or, without
+/// `nohup`, killed by the SIGHUP) whenever the shell that had started the
+/// tests in the background exited during the hang: the test then waited in
+/// vain for `/ready` to say 503, or for a dead broker to make it say 200.
+/// A group whose only member is the server, child of the test process, is
+/// not orphaned while the test runs.
+pub fn own_process_group(cmd: &mut Command) -> &mut Command {
+    cmd.process_group(0)
+}
+
 /// Flags every test gateway gets: ephemeral ports, a fast shutdown.
 fn base_args() -> Vec<String> {
     [

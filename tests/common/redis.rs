@@ -27,7 +27,10 @@ impl RedisServer {
 
     /// Starts (or restarts) on `port`, and waits until it answers PING.
     pub async fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        // Hung with SIGSTOP by tests (`pause`): only they may resume it.
+        super::own_process_group(&mut cmd);
+        let child = cmd
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdin(Stdio::null())

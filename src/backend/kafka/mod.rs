@@ -749,7 +749,7 @@ impl KafkaBus {
                 }
             }
             if synced.is_ok() && round.is_multiple_of(LAG_EVERY) {
-                self.measure_lag().await;
+                self.measure_lag(probe).await;
             }
             round = round.wrapping_add(1);
         }
@@ -989,7 +989,10 @@ impl KafkaBus {
 
     /// Lag per partition: the high watermark minus the next offset the
     /// partition's ring expects (records in Kafka not in the hub yet).
-    async fn measure_lag(&self) {
+    /// Each request waits at most `timeout`, the watch's own bound (not
+    /// `--kafka-timeout`): a broker that hangs during it delays the round
+    /// that turns `/ready` 503 by no more than a metadata fetch would.
+    async fn measure_lag(&self, timeout: Duration) {
         let Some(hub) = self.hub.upgrade() else {
             return;
         };
@@ -1004,7 +1007,6 @@ impl KafkaBus {
                 }
             }
         }
-        let timeout = self.opts.timeout;
         let lags = self
             .meta_blocking(move |c| {
                 let mut lags = BTreeMap::new();
