@@ -381,6 +381,22 @@ impl BinaryGateway {
     }
 
     async fn start_as(extra: &[&str], filter: &str, format: &str) -> BinaryGateway {
+        Self::try_start_as(extra, filter, format)
+            .await
+            .unwrap_or_else(|said| panic!("streamline exited before listening; it said: {said}"))
+    }
+
+    /// As [`BinaryGateway::start`], but a process that exits before it
+    /// listens is an `Err` carrying everything it printed.
+    pub async fn try_start(extra: &[&str]) -> Result<BinaryGateway, String> {
+        Self::try_start_as(extra, "info", "json").await
+    }
+
+    async fn try_start_as(
+        extra: &[&str],
+        filter: &str,
+        format: &str,
+    ) -> Result<BinaryGateway, String> {
         let mut args = base_args();
         args.remove(0);
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -406,10 +422,15 @@ impl BinaryGateway {
             }
         });
         let listening = tokio::time::timeout(WAIT, async {
+            // Kept to say why, should the process exit before it listens.
+            let mut said = Vec::new();
             loop {
-                let line = rx.recv().await.expect("streamline exited before listening");
+                let Some(line) = rx.recv().await else {
+                    return Err(format!("{said:#?}"));
+                };
+                said.push(line.clone());
                 if line["message"] == "streamline listening" {
-                    return line;
+                    return Ok(line);
                 }
                 // A text line: `… streamline listening control_addr=… stream_addr=…`.
                 if let Some(text) = line.as_str().filter(|l| l.contains("streamline listening")) {
@@ -417,19 +438,19 @@ impl BinaryGateway {
                         .split_whitespace()
                         .filter_map(|f| f.split_once('='))
                         .map(|(k, v)| (k.to_string(), Value::String(v.to_string())));
-                    return Value::Object(fields.collect());
+                    return Ok(Value::Object(fields.collect()));
                 }
             }
         })
         .await
-        .expect("streamline starts in time");
+        .expect("streamline starts in time")?;
         let addr = |k: &str| listening[k].as_str().unwrap().parse().unwrap();
-        BinaryGateway {
+        Ok(BinaryGateway {
             control: addr("control_addr"),
             stream: addr("stream_addr"),
             child,
             logs: rx,
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {

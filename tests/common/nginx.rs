@@ -264,38 +264,11 @@ impl Cluster {
     pub async fn start_n(n: usize, extra: &[&str], files: &[(&str, &str)]) -> Cluster {
         let redis = RedisServer::start().await;
         let url = redis.url();
-        let ports = stable_ports(2 * n);
         let mut replicas = Vec::new();
         let mut all_flags = Vec::new();
         for i in 0..n {
-            let name = format!("replica-{}", (b'a' + i as u8) as char);
-            let control = format!("127.0.0.1:{}", ports[2 * i]);
-            let stream = format!("127.0.0.1:{}", ports[2 * i + 1]);
-            let mut flags: Vec<String> = [
-                "--redis-url",
-                &url,
-                "--replica-id",
-                &name,
-                "--control-addr",
-                &control,
-                "--stream-addr",
-                &stream,
-                "--shutdown-delay",
-                "0s",
-                "--drain-window",
-                "500ms",
-                "--retry",
-                "300ms",
-                // As deployed: nginx's X-Forwarded-For names the client.
-                "--trusted-proxy",
-                "127.0.0.1",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            flags.extend(extra.iter().map(|s| s.to_string()));
-            let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-            replicas.push(BinaryGateway::start(&args).await);
+            let (replica, flags) = Self::start_replica(i, &url, extra).await;
+            replicas.push(replica);
             all_flags.push(flags);
         }
         let stream: Vec<SocketAddr> = replicas.iter().map(|r| r.stream).collect();
@@ -307,6 +280,59 @@ impl Cluster {
             redis,
             flags: all_flags,
         }
+    }
+
+    /// Starts replica `i` on two stable ports. Ports free a moment ago can
+    /// be taken by the time the replica binds them (another test chose them
+    /// too): then it tries again on two others.
+    async fn start_replica(i: usize, url: &str, extra: &[&str]) -> (BinaryGateway, Vec<String>) {
+        let mut tries = 0;
+        loop {
+            let ports = stable_ports(2);
+            let flags = Self::replica_flags(i, url, ports[0], ports[1], extra);
+            let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+            match BinaryGateway::try_start(&args).await {
+                Ok(replica) => return (replica, flags),
+                Err(said) if said.contains("Address already in use") && tries < 5 => tries += 1,
+                Err(said) => panic!("replica {i} exited before listening; it said: {said}"),
+            }
+        }
+    }
+
+    fn replica_flags(
+        i: usize,
+        url: &str,
+        control: u16,
+        stream: u16,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let name = format!("replica-{}", (b'a' + i as u8) as char);
+        let control = format!("127.0.0.1:{control}");
+        let stream = format!("127.0.0.1:{stream}");
+        let mut flags: Vec<String> = [
+            "--redis-url",
+            url,
+            "--replica-id",
+            &name,
+            "--control-addr",
+            &control,
+            "--stream-addr",
+            &stream,
+            "--shutdown-delay",
+            "0s",
+            "--drain-window",
+            "500ms",
+            "--retry",
+            "300ms",
+            // As deployed: nginx's X-Forwarded-For names the client.
+            "--trusted-proxy",
+            "127.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
     }
 
     /// Sends replica `i` SIGTERM and waits until it has exited cleanly.
