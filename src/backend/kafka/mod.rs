@@ -70,6 +70,13 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// (its default is 10 s): after an outage, clients find the broker again
 /// within about a second.
 const RECONNECT_BACKOFF_MAX: &str = "1000";
+/// The longest the live consumer's fetch waits for new records (librdkafka's
+/// default is 500 ms). Kafka answers a waiting fetch as soon as a record
+/// arrives, so there this only sets how often an idle consumer asks; a
+/// broker that looks at its log between sleeps of half the remaining wait
+/// (Tansu) delivers up to half of it late. The consumer's metadata and
+/// offsets requests also queue behind the fetch.
+const FETCH_WAIT_MAX: &str = "100";
 /// Bound on the watch's own requests (at most --kafka-timeout).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a record read back to check a log waits for it.
@@ -1225,22 +1232,28 @@ impl KafkaBus {
 
 impl KafkaOptions {
     fn consumer(&self) -> Result<Cons, BusError> {
-        self.client_config()
-            // librdkafka needs a group id to assign partitions; it never
-            // joins the group (no subscribe) and never commits.
-            .set("group.id", format!("streamline-{}", self.replica_id))
+        self.consumer_config()
+            .create_with_context(Context {
+                health: Some(Arc::new(Health::default())),
+                producer: false,
+            })
+            .map_err(unavailable)
+    }
+
+    fn consumer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        // librdkafka needs a group id to assign partitions; it never
+        // joins the group (no subscribe) and never commits.
+        c.set("group.id", format!("streamline-{}", self.replica_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // If a position is no longer in the log (retention, or a log
             // that restarted), read what is there: the hub drops what it
             // already has, by position, or resets the ring (`deliver`).
             .set("auto.offset.reset", "earliest")
-            .apply(&self.config)
-            .create_with_context(Context {
-                health: Some(Arc::new(Health::default())),
-                producer: false,
-            })
-            .map_err(unavailable)
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX)
+            .apply(&self.config);
+        c
     }
 
     fn meta(&self) -> Result<Meta, BusError> {
@@ -1477,6 +1490,37 @@ mod tests {
         assert!(!lost_every_broker(&down, "0/1 brokers are down", false));
         let transport = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
         assert!(!lost_every_broker(&transport, "1/1 brokers are down", true));
+    }
+
+    fn options(config: &[(&str, &str)]) -> KafkaOptions {
+        KafkaOptions {
+            brokers: "127.0.0.1:9092".into(),
+            topics: Vec::new(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            event_header: "event".into(),
+            timeout: Duration::from_secs(5),
+            max_catch_up: 1,
+            replica_id: "r".into(),
+            idempotency_window: Duration::from_secs(60),
+            idempotency_capacity: 1,
+        }
+    }
+
+    /// The live consumer waits 100 ms for records, not librdkafka's 500;
+    /// `--kafka-config` still has the last word.
+    #[test]
+    fn the_consumer_waits_briefly_for_records_unless_told_otherwise() {
+        let wait = |o: &KafkaOptions| {
+            o.consumer_config()
+                .get("fetch.wait.max.ms")
+                .map(str::to_owned)
+        };
+        assert_eq!(wait(&options(&[])).as_deref(), Some(FETCH_WAIT_MAX));
+        let told = options(&[("fetch.wait.max.ms", "500")]);
+        assert_eq!(wait(&told).as_deref(), Some("500"));
     }
 
     #[test]
