@@ -382,6 +382,12 @@ mod kafka {
                 "Times partitions were assigned to the consumer (every new partition of every topic at once)",
                 s.assignments.load(Relaxed),
             )?;
+            counter(
+                &mut e,
+                "kafka_metadata_rounds",
+                "Metadata rounds run: the watch's, one a second, and those of streams on a topic not followed yet (streams arriving together share one)",
+                s.rounds.load(Relaxed),
+            )?;
             Ok(())
         }
     }

@@ -758,3 +758,38 @@ async fn many_topics_are_assigned_in_one_round() {
     assert_eq!(got[0].data, "last");
     assert_eq!(got[0].id.as_deref(), Some("m29:0-1"));
 }
+
+/// Streams that reach a replica before it follows their topics (it has
+/// just started, as in a rolling restart) share metadata rounds rather
+/// than queueing one each: with 40 topics a round is 80 requests to the
+/// broker, and 200 queued rounds outlasted --kafka-timeout, so streams got
+/// 503 from a fresh replica. Counted, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_arriving_at_a_fresh_replica_share_metadata_rounds() {
+    let broker = Tansu::start().await;
+    let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+    for name in &names {
+        broker.create_topic(name, 1).await;
+    }
+    let args = kafka_flags(&broker, &names.join(","), "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Not waiting for /ready: the streams arrive while the first round runs.
+    let gw = TestGateway::start_with(&args).await;
+    let client = http();
+    let opens = (0..200).map(|i| {
+        let url = gw.stream_url(&format!("topic=f{}", i % 40));
+        let client = client.clone();
+        async move { SseClient::try_connect(&client, &url, None).await.status }
+    });
+    let statuses = futures_util::future::join_all(opens).await;
+    let refused: Vec<_> = statuses.iter().filter(|&&s| s != 200).collect();
+    assert!(refused.is_empty(), "every stream opens: {refused:?}");
+    let metrics = get_text(&gw.control_url("/metrics")).await;
+    let rounds: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("streamline_kafka_metadata_rounds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the rounds metric");
+    // The watch's, one a second, and at most two for the whole burst.
+    assert!(rounds < 20, "200 streams shared the rounds: {rounds}");
+}

@@ -154,6 +154,9 @@ pub struct KafkaStats {
     /// Partition assignments made (each round assigns every new partition
     /// of every topic at once).
     pub assignments: AtomicU64,
+    /// Metadata rounds begun: the watch's, and those of streams on a topic
+    /// this replica did not follow yet.
+    pub rounds: AtomicU64,
 }
 
 impl KafkaStats {
@@ -311,6 +314,9 @@ pub struct KafkaBus {
     /// Partitions the current consumer is assigned, by Kafka topic (held
     /// across the blocking metadata calls, so one sync runs at a time).
     assigned: tokio::sync::Mutex<HashMap<String, HashSet<i32>>>,
+    /// The number (`KafkaStats::rounds`) of the latest round that succeeded;
+    /// written and compared under `assigned`.
+    round_ok: AtomicU64,
     /// Kafka topics that did not exist at the last metadata fetch.
     missing: Mutex<HashSet<String>>,
     /// The last record delivered, by ring key: its position and a
@@ -459,6 +465,7 @@ impl KafkaBus {
             producer: Mutex::new(Some(producer)),
             hub: Arc::downgrade(hub),
             assigned: tokio::sync::Mutex::new(HashMap::new()),
+            round_ok: AtomicU64::new(0),
             missing: Mutex::new(HashSet::new()),
             last_records: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
@@ -808,11 +815,45 @@ impl KafkaBus {
     /// the log's start, the ring reset, when the log restarted below the
     /// ring. Fails when Kafka does not answer within `timeout`.
     async fn sync_partitions(&self, timeout: Duration) -> Result<Synced, BusError> {
+        let mut assigned = self.assigned.lock().await;
+        self.round(&mut assigned, timeout).await
+    }
+
+    /// For a stream on a topic this replica does not follow yet: a
+    /// metadata round begun after `asked` (the rounds begun when the stream
+    /// asked), its own or one begun meanwhile by another stream or the
+    /// watch. Streams that arrive together, as at a replica that has just
+    /// started, share a round instead of queueing one each (100 topics: a
+    /// round is 200 requests, and queued rounds outlasted --kafka-timeout).
+    async fn round_since(&self, asked: u64, timeout: Duration) -> Result<(), BusError> {
+        let mut assigned = self.assigned.lock().await;
+        if self.round_ok.load(Relaxed) > asked {
+            return Ok(());
+        }
+        self.round(&mut assigned, timeout).await.map(drop)
+    }
+
+    /// One round, numbered; rounds run one at a time (under `assigned`).
+    async fn round(
+        &self,
+        assigned: &mut HashMap<String, HashSet<i32>>,
+        timeout: Duration,
+    ) -> Result<Synced, BusError> {
+        let n = self.stats.rounds.fetch_add(1, Relaxed) + 1;
+        let synced = self.sync_round(assigned, timeout).await?;
+        self.round_ok.store(n, Relaxed);
+        Ok(synced)
+    }
+
+    async fn sync_round(
+        &self,
+        assigned: &mut HashMap<String, HashSet<i32>>,
+        timeout: Duration,
+    ) -> Result<Synced, BusError> {
         let hub = self
             .hub
             .upgrade()
             .ok_or_else(|| unavailable("the hub is gone"))?;
-        let mut assigned = self.assigned.lock().await;
         let mut synced = Synced {
             usable: true,
             gone: false,
@@ -1368,8 +1409,9 @@ impl Bus for KafkaBus {
             };
             // Bounded: a stream waits at most --kafka-timeout to learn.
             let timeout = self.opts.timeout;
-            match tokio::time::timeout(timeout, self.sync_partitions(timeout)).await {
-                Ok(synced) => _ = synced?,
+            let asked = self.stats.rounds.load(Relaxed);
+            match tokio::time::timeout(timeout, self.round_since(asked, timeout)).await {
+                Ok(synced) => synced?,
                 Err(_) => return Err(unavailable("Kafka did not answer in time").into()),
             }
             let missing = self
