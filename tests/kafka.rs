@@ -45,6 +45,15 @@ async fn wait_ready(control: std::net::SocketAddr) {
     wait_status("the gateway is ready (kafka up)", &url, 200).await;
 }
 
+/// Creates topics `<prefix>0` .. `<prefix>{n-1}`, one partition each.
+async fn create_topics(broker: &Tansu, prefix: &str, n: usize) -> Vec<String> {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    for name in &names {
+        broker.create_topic(name, 1).await;
+    }
+    names
+}
+
 /// The partition an event's data names (`p<partition>-<n>`).
 fn partition_of(data: &str) -> u32 {
     data[1..data.find('-').unwrap()].parse().unwrap()
@@ -740,10 +749,7 @@ async fn a_hung_broker_makes_ready_and_patch_say_503_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_topics_are_assigned_in_one_round() {
     let broker = Tansu::start().await;
-    let names: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
-    for name in &names {
-        broker.create_topic(name, 1).await;
-    }
+    let names = create_topics(&broker, "m", 30).await;
     let gw = gateway(&broker, &names.join(","), "a", &[]).await;
     let metrics = get_text(&gw.control_url("/metrics")).await;
     assert!(
@@ -767,10 +773,7 @@ async fn many_topics_are_assigned_in_one_round() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_arriving_at_a_fresh_replica_share_metadata_rounds() {
     let broker = Tansu::start().await;
-    let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
-    for name in &names {
-        broker.create_topic(name, 1).await;
-    }
+    let names = create_topics(&broker, "f", 40).await;
     let args = kafka_flags(&broker, &names.join(","), "a");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Not waiting for /ready: the streams arrive while the first round runs.
