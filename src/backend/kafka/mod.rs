@@ -77,6 +77,9 @@ const RECONNECT_BACKOFF_MAX: &str = "1000";
 /// (Tansu) delivers up to half of it late. The consumer's metadata and
 /// offsets requests also queue behind the fetch.
 const FETCH_WAIT_MAX: &str = "100";
+/// Topics a metadata round asks about at once (librdkafka clients take
+/// requests from several threads).
+const FETCH_AT_ONCE: usize = 8;
 /// Bound on the watch's own requests (at most --kafka-timeout).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a record read back to check a log waits for it.
@@ -872,12 +875,7 @@ impl KafkaBus {
             })
             .collect();
         let found = self
-            .meta_blocking(move |c| {
-                wanted
-                    .into_iter()
-                    .map(|(topic, known)| TopicState::fetch(c, topic, &known, timeout))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .meta_blocking(move |c| TopicState::fetch_all(c, &wanted, timeout))
             .await?;
         let mut tpl = TopicPartitionList::new();
         let mut added: Vec<(&TopicMap, Vec<i32>, bool, bool)> = Vec::new();
@@ -1082,13 +1080,45 @@ struct TopicState {
 }
 
 impl TopicState {
+    /// Asks about every topic of `wanted` (with the partitions already
+    /// known of each), in order, [`FETCH_AT_ONCE`] topics at a time: a round
+    /// is a metadata request per topic (and a watermark request per new
+    /// partition), and one by one they took a second for 100 topics on a
+    /// busy broker, while streams at a fresh replica waited for the round.
+    fn fetch_all(
+        c: &Meta,
+        wanted: &[(String, HashSet<i32>)],
+        timeout: Duration,
+    ) -> Result<Vec<TopicState>, KafkaError> {
+        let per_thread = wanted.len().div_ceil(FETCH_AT_ONCE).max(1);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = wanted
+                .chunks(per_thread)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(topic, known)| TopicState::fetch(c, topic, known, timeout))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let mut found = Vec::with_capacity(wanted.len());
+            for part in parts {
+                // A panic goes on as it would have on this thread.
+                found.extend(part.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+            }
+            Ok(found)
+        })
+    }
+
     fn fetch(
         c: &Meta,
-        topic: String,
+        topic: &str,
         known: &HashSet<i32>,
         timeout: Duration,
     ) -> Result<TopicState, KafkaError> {
-        let md = c.fetch_metadata(Some(&topic), timeout)?;
+        let md = c.fetch_metadata(Some(topic), timeout)?;
         let found = md
             .topics()
             .iter()
@@ -1100,7 +1130,7 @@ impl TopicState {
         let leaderless = found.is_some_and(|t| t.partitions().iter().any(|p| p.leader() < 0));
         let mut marks = Vec::new();
         for &p in partitions.iter().filter(|p| !known.contains(p)) {
-            marks.push((p, c.fetch_watermarks(&topic, p, timeout)?));
+            marks.push((p, c.fetch_watermarks(topic, p, timeout)?));
         }
         Ok(TopicState {
             partitions,
