@@ -1106,7 +1106,10 @@ impl TopicState {
             let mut found = Vec::with_capacity(wanted.len());
             for part in parts {
                 // A panic goes on as it would have on this thread.
-                found.extend(part.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+                found.extend(
+                    part.join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))?,
+                );
             }
             Ok(found)
         })
