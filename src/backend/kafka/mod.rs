@@ -1444,7 +1444,7 @@ impl Bus for KafkaBus {
             let timeout = self.opts.timeout;
             let asked = self.stats.rounds.load(Relaxed);
             match tokio::time::timeout(timeout, self.round_since(asked, timeout)).await {
-                Ok(synced) => synced?,
+                Ok(round) => round?,
                 Err(_) => return Err(unavailable("Kafka did not answer in time").into()),
             }
             let missing = self
