@@ -788,11 +788,7 @@ async fn streams_arriving_at_a_fresh_replica_share_metadata_rounds() {
     let refused: Vec<_> = statuses.iter().filter(|&&s| s != 200).collect();
     assert!(refused.is_empty(), "every stream opens: {refused:?}");
     let metrics = get_text(&gw.control_url("/metrics")).await;
-    let rounds: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("streamline_kafka_metadata_rounds_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the rounds metric");
+    let rounds = metric(&metrics, "streamline_kafka_metadata_rounds_total");
     // The watch's, one a second, and at most two for the whole burst.
     assert!(rounds < 20, "200 streams shared the rounds: {rounds}");
 }

@@ -115,12 +115,7 @@ async fn copies_of_a_keyed_batch_are_dropped_and_retries_get_the_first_ids() {
     // At least the two written here (b's own retry may have produced the
     // batch again too, if b had not consumed it yet: dropped the same way).
     let metrics = get_text(&b.control_url("/metrics")).await;
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("streamline_kafka_duplicates_dropped_total "))
-        .expect("the counter")
-        .parse()
-        .unwrap();
+    let dropped = metric(&metrics, "streamline_kafka_duplicates_dropped_total");
     assert!(dropped >= 2, "{dropped}");
 }
 

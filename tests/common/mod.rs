@@ -644,6 +644,14 @@ pub async fn get_json(url: &str) -> Value {
 
 /// GETs `url` and returns its body as text (`/metrics`, say); panics unless
 /// the answer is 200.
+/// A counter's value in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{page}")) as u64
+}
+
 pub async fn get_text(url: &str) -> String {
     get_ok(url)
         .await
